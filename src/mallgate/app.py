@@ -1,0 +1,88 @@
+"""create_app(settings) -> the ASGI app, with every route mounted."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+
+from mallgate.clock import Clock
+from mallgate.envelope import install_handlers
+from mallgate.middleware import BodyLimit, BodyTooLarge, Metrics, too_large_body
+from mallgate.routes import admin, health
+from mallgate.runtime import Runtime
+from mallgate.sandbox.app import MOUNT, create_sandbox_app, sandbox_settings
+from mallgate.settings import Settings
+
+log = logging.getLogger("mallgate")
+
+NOTIFY_SUFFIXES = ("/pay/notify", "/wechat/notify")
+CORS_HEADERS = ["Auth-Token", "Content-Type", "Authorization", "X-Requested-With", "Accept", "Origin"]
+
+
+def api_router() -> APIRouter:
+    """Every route of the API document, under the base path."""
+    router = APIRouter()
+    return router
+
+
+def create_app(
+    settings: Settings | None = None, *, clock: Clock | None = None, sandbox: bool | None = None
+) -> FastAPI:
+    """The service; with the sandbox on, the stand-ins are mounted at /_sandbox and used."""
+    settings = settings or Settings()
+    sandbox_app = None
+    sandbox_url = None
+    if settings.sandbox_enabled if sandbox is None else sandbox:
+        sandbox_url = settings.public_url.rstrip("/") + MOUNT
+        sandbox_app = create_sandbox_app(
+            settings.var_dir / "sandbox", service_url=settings.public_url.rstrip("/") + settings.base_path
+        )
+        settings = sandbox_settings(settings, sandbox_url, sandbox_app.state.sandbox.keys)
+    runtime = Runtime.create(settings, clock)
+    runtime.sandbox_url = sandbox_url
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await runtime.close()
+
+    app = FastAPI(title="mallgate", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.runtime = runtime
+    install_handlers(app)
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(_request: Request, _exc: BodyTooLarge) -> Response:
+        return Response(too_large_body(), status_code=413, media_type="application/json")
+
+    app.include_router(health.router)
+    app.include_router(admin.router)
+    app.include_router(api_router(), prefix=settings.base_path)
+
+    if sandbox_app is not None:
+        app.mount(MOUNT, sandbox_app)
+
+    @app.options("/{path:path}")
+    async def _preflight(path: str) -> Response:
+        # The original answered every OPTIONS with 200; some clients preflight without the CORS headers.
+        return JSONResponse({"info": "ok", "status": 1})
+
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=["*"],
+        allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
+        allow_headers=CORS_HEADERS,
+        max_age=86400,
+    )
+    notify_paths = tuple(settings.base_path + s for s in NOTIFY_SUFFIXES)
+
+    def limit_for(path: str) -> int | None:
+        return settings.notify_body_limit if path.rstrip("/").endswith(notify_paths) else None
+
+    app.add_middleware(BodyLimit, default=settings.body_limit, limit_for=limit_for)
+    app.add_middleware(Metrics)
+    return app

@@ -1,0 +1,5 @@
+"""The ASGI entry point uvicorn workers import: settings from the environment."""
+
+from mallgate.app import create_app
+
+app = create_app()

@@ -1,0 +1,215 @@
+"""The tables of mallgate. Portable across SQLite, PostgreSQL and MySQL/MariaDB.
+
+Times are naive UTC (MySQL has no zone-aware type); amounts are Numeric(12, 2)
+in yuan, never float; indexed strings stay within 191 characters so that a
+utf8mb4 index fits MySQL's key length.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Numeric,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects import mysql
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# SQLite only autoincrements INTEGER PRIMARY KEY; the others get 64-bit ids.
+Id = BigInteger().with_variant(Integer, "sqlite")
+Money = Numeric(12, 2, asdecimal=True)
+# A notify body may reach 64 KiB, one byte over MySQL's BLOB.
+Blob = LargeBinary().with_variant(mysql.MEDIUMBLOB(), "mysql", "mariadb")
+LongText = Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    username: Mapped[str | None] = mapped_column(String(64), unique=True)
+    mobile: Mapped[str | None] = mapped_column(String(20), unique=True)
+    nickname: Mapped[str] = mapped_column(String(64), default="")
+    avatar: Mapped[str] = mapped_column(String(512), default="")
+    group_name: Mapped[str] = mapped_column(String(32), default="普通会员")
+    sex: Mapped[int] = mapped_column(Integer, default=0)
+    point: Mapped[int] = mapped_column(Integer, default=0)
+    balance: Mapped[Decimal] = mapped_column(Money, default=Decimal("0.00"))
+    shop_count: Mapped[int] = mapped_column(Integer, default=0)
+    coupon_count: Mapped[int] = mapped_column(Integer, default=0)
+    password_hash: Mapped[str | None] = mapped_column(String(255))
+    spread_id: Mapped[int | None] = mapped_column(Id)
+    last_ip: Mapped[str] = mapped_column(String(64), default="")
+    last_login: Mapped[datetime | None] = mapped_column(DateTime)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Identity(Base):
+    """A login at one platform app: (provider, app_id, openid), with the unionid when known."""
+
+    __tablename__ = "identities"
+    __table_args__ = (UniqueConstraint("provider", "app_id", "openid"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    user_id: Mapped[int] = mapped_column(Id, ForeignKey("users.id"), index=True)
+    provider: Mapped[str] = mapped_column(String(16))
+    app_id: Mapped[str] = mapped_column(String(64))
+    openid: Mapped[str] = mapped_column(String(128))
+    unionid: Mapped[str | None] = mapped_column(String(128), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Token(Base):
+    """A user token; only its SHA-256 is kept, so a leaked table logs nobody in."""
+
+    __tablename__ = "tokens"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    user_id: Mapped[int] = mapped_column(Id, ForeignKey("users.id"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    expires_at: Mapped[datetime] = mapped_column(DateTime)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class Goods(Base):
+    __tablename__ = "goods"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128))
+    price: Mapped[Decimal] = mapped_column(Money)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Order(Base):
+    __tablename__ = "orders"
+    __table_args__ = (UniqueConstraint("channel", "trade_no"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    order_no: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int | None] = mapped_column(Id, ForeignKey("users.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    subject: Mapped[str] = mapped_column(String(128), default="")
+    amount: Mapped[Decimal] = mapped_column(Money)
+    status: Mapped[str] = mapped_column(String(24), default="unpaid", index=True)
+    channel: Mapped[str | None] = mapped_column(String(16))
+    trade_no: Mapped[str | None] = mapped_column(String(64))
+    paid_amount: Mapped[Decimal] = mapped_column(Money, default=Decimal("0.00"))
+    refunded_amount: Mapped[Decimal] = mapped_column(Money, default=Decimal("0.00"))
+    paid_at: Mapped[datetime | None] = mapped_column(DateTime)
+    closed_at: Mapped[datetime | None] = mapped_column(DateTime)
+    created_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class WalletEntry(Base):
+    """One credit per recharge order: the unique order_no makes a double credit impossible."""
+
+    __tablename__ = "wallet_entries"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    user_id: Mapped[int] = mapped_column(Id, ForeignKey("users.id"), index=True)
+    order_no: Mapped[str] = mapped_column(String(64), unique=True)
+    amount: Mapped[Decimal] = mapped_column(Money)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class PaymentNotification(Base):
+    """Every notification as received, kept for audit and replay whatever its fate."""
+
+    __tablename__ = "payment_notifications"
+    __table_args__ = (Index("ix_payment_notifications_order_no_received", "order_no", "received_at"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    channel: Mapped[str] = mapped_column(String(16))
+    kind: Mapped[str] = mapped_column(String(24), default="")
+    order_no: Mapped[str | None] = mapped_column(String(64))
+    trade_no: Mapped[str | None] = mapped_column(String(64))
+    received_at: Mapped[datetime] = mapped_column(DateTime)
+    source_ip: Mapped[str] = mapped_column(String(64), default="")
+    method: Mapped[str] = mapped_column(String(8), default="POST")
+    query_string: Mapped[str] = mapped_column(LongText, default="")
+    headers: Mapped[str] = mapped_column(LongText, default="{}")
+    body: Mapped[bytes] = mapped_column(Blob, default=b"")
+    verified: Mapped[bool] = mapped_column(Boolean, default=False)
+    outcome: Mapped[str] = mapped_column(String(24), default="received")
+    reason: Mapped[str] = mapped_column(String(255), default="")
+
+
+class CacheEntry(Base):
+    """Shared key/value cache with expiry and a lease, so one worker refreshes a token for all."""
+
+    __tablename__ = "cache_entries"
+
+    key: Mapped[str] = mapped_column(String(191), primary_key=True)
+    value: Mapped[str] = mapped_column(LongText, default="")
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime)
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class Counter(Base):
+    """A fixed-window rate-limit counter; one row per limit key and window."""
+
+    __tablename__ = "counters"
+
+    key: Mapped[str] = mapped_column(String(191), primary_key=True)
+    count: Mapped[int] = mapped_column(Integer, default=0)
+    expires_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+
+
+class SmsCode(Base):
+    """The live code of one number and purpose; a new send replaces it."""
+
+    __tablename__ = "sms_codes"
+    __table_args__ = (UniqueConstraint("mobile", "purpose"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    mobile: Mapped[str] = mapped_column(String(20))
+    purpose: Mapped[str] = mapped_column(String(16))
+    code_hash: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    expires_at: Mapped[datetime] = mapped_column(DateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    used_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class OutboxEvent(Base):
+    """What must be sent because of a state change, written in the same transaction."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (Index("ix_outbox_pending", "sent_at", "available_at"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    topic: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[str] = mapped_column(LongText)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    available_at: Mapped[datetime] = mapped_column(DateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime)
+    last_error: Mapped[str] = mapped_column(String(255), default="")

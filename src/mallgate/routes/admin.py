@@ -1,0 +1,92 @@
+"""The admin API (CONTRACT §4), for the mall's other services and for tests."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path
+from fastapi.responses import JSONResponse
+
+from mallgate.db.models import User
+from mallgate.deps import ParamsDep, RuntimeDep, require_admin
+from mallgate.envelope import ApiError, ok
+from mallgate.mobile import normalize_mobile
+from mallgate.params import parse_amount
+from mallgate.services import accounts, goods, orders
+
+router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+
+OrderNo = Annotated[str, Path(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
+
+
+@router.post("/goods")
+async def create_goods(runtime: RuntimeDep, params: ParamsDep) -> JSONResponse:
+    name = params.text("name", max_length=128)
+    price = parse_amount(params.get("price"), "price")
+    async with runtime.db.transaction() as session:
+        row = await goods.create_goods(session, runtime.clock.utcnow().replace(tzinfo=None), name=name, price=price)
+        return ok(goods.goods_view(row))
+
+
+@router.post("/orders")
+async def create_order(runtime: RuntimeDep, params: ParamsDep) -> JSONResponse:
+    order_no = params.text("order_no", required=False, max_length=64) or None
+    if order_no is not None and not all(c.isascii() and (c.isalnum() or c in "_-") for c in order_no):
+        raise ApiError("order_no 只能包含字母、数字、_ 和 -", "param.invalid", field="order_no")
+    amount = parse_amount(params.get("amount"))
+    async with runtime.db.transaction() as session:
+        order = await orders.create_order(
+            session,
+            runtime.clock.utcnow().replace(tzinfo=None),
+            amount=amount,
+            kind=params.text("kind", required=False, default="goods", max_length=16),
+            order_no=order_no,
+            user_id=params.integer("user_id", required=False),
+            subject=params.text("subject", required=False, max_length=128),
+            recharge_max=runtime.settings.recharge_max,
+        )
+        return ok(orders.order_view(order))
+
+
+@router.get("/orders/{order_no}")
+async def get_order(runtime: RuntimeDep, order_no: OrderNo) -> JSONResponse:
+    async with runtime.db.transaction() as session:
+        order = await orders.find_order(session, order_no)
+        if order is None:
+            raise ApiError("订单不存在", "order.not_found")
+        return ok(orders.order_view(order))
+
+
+@router.post("/users")
+async def create_user(runtime: RuntimeDep, params: ParamsDep) -> JSONResponse:
+    raw_mobile = params.text("mobile", required=False, max_length=20)
+    mobile = normalize_mobile(raw_mobile) if raw_mobile else None
+    async with runtime.db.transaction() as session:
+        if mobile and await accounts.find_by_mobile(session, mobile):
+            raise ApiError("该手机号已注册", "user.exists", field="mobile")
+        user = await accounts.create_user(
+            session,
+            runtime.clock.utcnow().replace(tzinfo=None),
+            mobile=mobile,
+            nickname=params.text("nickname", required=False, max_length=64),
+            password=params.text("password", required=False, max_length=64) or None,
+        )
+        return ok(accounts.profile(user))
+
+
+@router.get("/users/{user_id}")
+async def get_user(runtime: RuntimeDep, user_id: Annotated[str, Path()]) -> JSONResponse:
+    if not user_id.isdigit() or len(user_id) > 18:
+        raise ApiError("用户 id 应为整数", "param.invalid", field="id")
+    async with runtime.db.transaction() as session:
+        user = await session.get(User, int(user_id))
+        if user is None:
+            raise ApiError("用户不存在", "user.not_found")
+        return ok(await accounts.admin_view(session, user))
+
+
+@router.get("/notifications")
+async def list_notifications(runtime: RuntimeDep, params: ParamsDep) -> JSONResponse:
+    order_no = params.text("order_no", max_length=64)
+    async with runtime.db.transaction() as session:
+        return ok(await orders.notifications_for(session, order_no))

@@ -1,0 +1,42 @@
+"""What every request shares: settings, the database, one HTTP client, the clock."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import httpx
+from fastapi import Request
+
+from mallgate.clock import Clock, default_clock
+from mallgate.db.session import Database
+from mallgate.settings import Settings
+
+# Outbound calls to the platforms: TLS verified, never waiting forever.
+OUTBOUND_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    db: Database
+    http: httpx.AsyncClient
+    clock: Clock = field(default_factory=lambda: default_clock)
+    sandbox_url: str | None = None
+
+    @classmethod
+    def create(cls, settings: Settings, clock: Clock | None = None) -> Runtime:
+        return cls(
+            settings=settings,
+            db=Database(settings.resolved_database_url, connect_timeout=settings.db_timeout_seconds),
+            http=httpx.AsyncClient(timeout=OUTBOUND_TIMEOUT, verify=True),
+            clock=clock or default_clock,
+        )
+
+    async def close(self) -> None:
+        await self.http.aclose()
+        await self.db.dispose()
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime

@@ -1,0 +1,129 @@
+"""The local stand-in of every third party, as one ASGI app mounted at /_sandbox.
+
+Each stand-in registers a router and a line for the index page. The stand-ins
+speak the platforms' real wire protocols with the sandbox's own keys, so the
+service's channel code runs unchanged against them.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import HTMLResponse
+
+from mallgate.sandbox.keys import SandboxKeys
+from mallgate.settings import Settings
+
+MOUNT = "/_sandbox"
+ALIPAY_APP_ID = "2021000000000001"
+ALIPAY_SELLER_ID = "2088000000000001"
+WECHATPAY_MCH_ID = "1900000001"
+WECHAT_MP_APP_ID = "wx00000000000000a1"
+WECHAT_MINI_APP_ID = "wx00000000000000b2"
+WECHAT_APP_APP_ID = "wx00000000000000c3"
+QQ_APP_ID = "100000001"
+APPLE_BUNDLE_ID = "com.example.mallgate"
+
+
+@dataclass
+class StandIn:
+    name: str
+    summary: str
+    router: APIRouter
+    links: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class SandboxState:
+    """What the stand-ins share: keys, the service they talk back to, and whatever they record."""
+
+    keys: SandboxKeys
+    folder: Path
+    service_url: str = ""
+    standins: list[StandIn] = field(default_factory=list)
+
+
+def sandbox_settings(settings: Settings, sandbox_url: str, keys: SandboxKeys) -> Settings:
+    """The service's settings with every third party pointed at the sandbox."""
+    from mallgate.keys import load_private_key, public_pem
+
+    update = {
+        "alipay": settings.alipay.model_copy(
+            update={
+                "app_id": ALIPAY_APP_ID,
+                "public_key": keys.alipay_platform_public,
+                "private_key": keys.alipay_merchant_private,
+                "sign_type": "RSA2",
+                "seller_id": ALIPAY_SELLER_ID,
+                "gateway_url": f"{sandbox_url}/alipay/gateway.do",
+            }
+        ),
+        "wechat_pay": settings.wechat_pay.model_copy(
+            update={
+                "app_id": WECHAT_MINI_APP_ID,
+                "mch_id": WECHATPAY_MCH_ID,
+                "api_key": keys.wechatpay_api_key,
+                "api_v3_key": keys.wechatpay_api_v3_key,
+                "public_key": public_pem(load_private_key(keys.wechatpay_platform_private).public_key()),
+                "public_key_id": keys.wechatpay_public_key_id,
+                "mch_private_key": keys.wechatpay_merchant_private,
+                "mch_serial_no": "5A000000000000000000000000000000000000A1",
+                "api_base": f"{sandbox_url}/wechatpay",
+            }
+        ),
+        "wechat_mp": settings.wechat_mp.model_copy(
+            update={
+                "app_id": WECHAT_MP_APP_ID,
+                "app_secret": keys.wechat_app_secret,
+                "token": keys.wechat_mp_token,
+                "aes_key": keys.wechat_mp_aes_key,
+            }
+        ),
+        "wechat_mini": settings.wechat_mini.model_copy(
+            update={"app_id": WECHAT_MINI_APP_ID, "app_secret": keys.wechat_app_secret}
+        ),
+        "wechat_app": settings.wechat_app.model_copy(
+            update={"app_id": WECHAT_APP_APP_ID, "app_secret": keys.wechat_app_secret}
+        ),
+        "wechat": settings.wechat.model_copy(update={"api_base": f"{sandbox_url}/wechat"}),
+        "qq": settings.qq.model_copy(update={"app_id": QQ_APP_ID, "api_base": f"{sandbox_url}/qq"}),
+        "apple": settings.apple.model_copy(
+            update={"bundle_id": APPLE_BUNDLE_ID, "keys_url": f"{sandbox_url}/apple/auth/keys"}
+        ),
+        "sms": settings.sms.model_copy(update={"provider": "sandbox"}),
+    }
+    return settings.model_copy(update=update)
+
+
+def _standins(state: SandboxState) -> list[StandIn]:
+    """Every stand-in of the sandbox; later parts add theirs here."""
+    return []
+
+
+def create_sandbox_app(folder: Path, service_url: str = "") -> FastAPI:
+    state = SandboxState(keys=SandboxKeys.load_or_create(folder), folder=folder, service_url=service_url)
+    state.standins = _standins(state)
+    app = FastAPI(title="mallgate sandbox", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.sandbox = state
+    for standin in state.standins:
+        app.include_router(standin.router)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index() -> str:
+        items = "".join(
+            f"<li><b>{html.escape(s.name)}</b>: {html.escape(s.summary)}"
+            + "".join(f' <a href="{MOUNT}{html.escape(u)}">{html.escape(t)}</a>' for t, u in s.links)
+            + "</li>"
+            for s in state.standins
+        )
+        return (
+            "<!doctype html><meta charset=utf-8><title>mallgate sandbox</title>"
+            "<h1>mallgate sandbox</h1><p>Local stand-ins of the third parties, with their own keys "
+            f"(kept in {html.escape(str(folder))}). Service: {html.escape(state.service_url or '-')}</p>"
+            f"<ul>{items or '<li>No stand-ins yet.</li>'}</ul>"
+        )
+
+    return app

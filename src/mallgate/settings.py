@@ -1,0 +1,212 @@
+"""Every setting of mallgate, typed, in one place.
+
+Environment variables use the prefix ``MALLGATE_`` and ``__`` for nesting
+(``MALLGATE_ALIPAY__APP_ID``); a ``.env`` file in the working directory may hold
+them too. A malformed value stops start-up with the setting's name.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from mallgate.keys import KeyFormatError, load_private_key, load_public_key
+
+
+def _check_public_key(value: str) -> str:
+    if value:
+        try:
+            load_public_key(value)
+        except KeyFormatError as exc:
+            raise ValueError(f"not a usable RSA public key: {exc}") from exc
+    return value
+
+
+def _check_private_key(value: str) -> str:
+    if value:
+        try:
+            load_private_key(value)
+        except KeyFormatError as exc:
+            raise ValueError(f"not a usable RSA private key: {exc}") from exc
+    return value
+
+
+class AlipaySettings(BaseModel):
+    app_id: str = ""
+    public_key: str = Field("", description="Alipay's public key: PEM, bare base64 or a file path")
+    private_key: str = Field("", description="the merchant's private key, signs calls to Alipay")
+    sign_type: Literal["RSA2", "RSA"] = "RSA2"
+    seller_id: str = ""
+    gateway_url: str = "https://openapi.alipay.com/gateway.do"
+
+    _pub = field_validator("public_key")(classmethod(lambda cls, v: _check_public_key(v)))
+    _priv = field_validator("private_key")(classmethod(lambda cls, v: _check_private_key(v)))
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.app_id and self.public_key)
+
+
+class WechatPaySettings(BaseModel):
+    app_id: str = ""
+    mch_id: str = ""
+    api_key: str = Field("", description="APIv2 key (32 characters)")
+    api_v3_key: str = Field("", description="APIv3 key (32 bytes)")
+    public_key: str = Field("", description="WeChat Pay public key (public-key mode)")
+    public_key_id: str = Field("", description="PUB_KEY_ID_... of that key")
+    platform_certs: str = Field("", description="certificate mode: PEM bundle or folder of PEM files")
+    mch_private_key: str = ""
+    mch_serial_no: str = ""
+    api_base: str = "https://api.mch.weixin.qq.com"
+
+    _pub = field_validator("public_key")(classmethod(lambda cls, v: _check_public_key(v)))
+    _priv = field_validator("mch_private_key")(classmethod(lambda cls, v: _check_private_key(v)))
+
+    @field_validator("api_v3_key")
+    @classmethod
+    def _v3_key_length(cls, value: str) -> str:
+        if value and len(value.encode()) != 32:
+            raise ValueError("the APIv3 key must be 32 bytes")
+        return value
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.mch_id and (self.api_key or self.api_v3_key))
+
+
+class WechatAppCredentials(BaseModel):
+    app_id: str = ""
+    app_secret: str = ""
+
+
+class WechatMpSettings(WechatAppCredentials):
+    token: str = ""
+    aes_key: str = Field("", description="EncodingAESKey, 43 characters")
+
+    @field_validator("aes_key")
+    @classmethod
+    def _aes_key_length(cls, value: str) -> str:
+        if value and len(value) != 43:
+            raise ValueError("EncodingAESKey must be 43 characters")
+        return value
+
+
+class WechatSettings(BaseModel):
+    api_base: str = "https://api.weixin.qq.com"
+
+
+class QQSettings(BaseModel):
+    app_id: str = ""
+    api_base: str = "https://graph.qq.com"
+
+
+class AppleSettings(BaseModel):
+    bundle_id: str = ""
+    keys_url: str = "https://appleid.apple.com/auth/keys"
+
+
+class AliyunSmsSettings(BaseModel):
+    access_key_id: str = ""
+    access_key_secret: str = ""
+    sign_name: str = ""
+    template_code: str = ""
+    endpoint: str = "https://dysmsapi.aliyuncs.com/"
+
+
+class TencentSmsSettings(BaseModel):
+    secret_id: str = ""
+    secret_key: str = ""
+    sdk_app_id: str = ""
+    sign_name: str = ""
+    template_id: str = ""
+    endpoint: str = "https://sms.tencentcloudapi.com/"
+    region: str = "ap-guangzhou"
+
+
+class SmsSettings(BaseModel):
+    provider: Literal["console", "aliyun", "tencent", "sandbox"] = "console"
+    aliyun: AliyunSmsSettings = AliyunSmsSettings()
+    tencent: TencentSmsSettings = TencentSmsSettings()
+    code_ttl_seconds: int = Field(300, ge=30)
+    max_checks: int = Field(5, ge=1)
+    per_number_interval_seconds: int = Field(60, ge=0)
+    per_number_daily: int = Field(10, ge=0)
+    per_ip_hourly: int = Field(20, ge=0)
+    global_daily: int = Field(10000, ge=0, description="cost breaker across all numbers")
+    timeout_seconds: float = Field(5.0, gt=0, le=30)
+
+
+class TemplateSettings(BaseModel):
+    delivery_notice: str = ""
+    order_complete: str = ""
+    order_pay_success: str = ""
+    refund_notice: str = ""
+
+
+class QrcodeSettings(BaseModel):
+    per_ip_per_minute: int = Field(120, ge=0)
+    cache_entries: int = Field(512, ge=0)
+    max_size: int = Field(20, ge=1, le=50, description="largest pixels per module")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="MALLGATE_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="ignore",
+    )
+
+    database_url: str = ""
+    var_dir: Path = Path("var")
+    public_url: str = "http://127.0.0.1:8000"
+    admin_token: str = ""
+    base_path: str = "/api"
+    sandbox: bool | None = Field(
+        None, description="run the built-in stand-in of every third party (default: when no credentials)"
+    )
+    body_limit: int = Field(1024 * 1024, ge=1024)
+    notify_body_limit: int = Field(64 * 1024, ge=1024)
+    token_ttl_days: int = Field(30, ge=1)
+    forwarded_allow_ips: str = Field(
+        "127.0.0.1",
+        description="proxies whose X-Forwarded-For/-Proto are believed (uvicorn); '*' behind a private LB",
+    )
+    db_timeout_seconds: float = Field(2.0, gt=0)
+    recharge_max: Decimal = Field(Decimal("50000.00"), gt=0)
+
+    alipay: AlipaySettings = AlipaySettings()
+    wechat_pay: WechatPaySettings = WechatPaySettings()
+    wechat_mp: WechatMpSettings = WechatMpSettings()
+    wechat_mini: WechatAppCredentials = WechatAppCredentials()
+    wechat_app: WechatAppCredentials = WechatAppCredentials()
+    wechat: WechatSettings = WechatSettings()
+    qq: QQSettings = QQSettings()
+    apple: AppleSettings = AppleSettings()
+    sms: SmsSettings = SmsSettings()
+    templates: TemplateSettings = TemplateSettings()
+    qrcode: QrcodeSettings = QrcodeSettings()
+
+    @field_validator("base_path")
+    @classmethod
+    def _base_path(cls, value: str) -> str:
+        value = "/" + value.strip("/")
+        return "" if value == "/" else value
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.var_dir / 'mallgate.db').as_posix()}"
+
+    @property
+    def has_credentials(self) -> bool:
+        return self.alipay.configured or self.wechat_pay.configured or bool(self.wechat_mp.app_id)
+
+    @property
+    def sandbox_enabled(self) -> bool:
+        return self.sandbox if self.sandbox is not None else not self.has_credentials
