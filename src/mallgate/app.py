@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from mallgate.clock import Clock
 from mallgate.envelope import install_handlers
 from mallgate.middleware import BodyLimit, BodyTooLarge, Metrics, too_large_body
-from mallgate.routes import admin, health
+from mallgate.routes import account, admin, health
 from mallgate.runtime import Runtime
 from mallgate.sandbox.app import MOUNT, create_sandbox_app, sandbox_settings
 from mallgate.settings import Settings
@@ -27,6 +27,7 @@ CORS_HEADERS = ["Auth-Token", "Content-Type", "Authorization", "X-Requested-With
 def api_router() -> APIRouter:
     """Every route of the API document, under the base path."""
     router = APIRouter()
+    router.include_router(account.router)
     return router
 
 

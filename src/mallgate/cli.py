@@ -6,7 +6,6 @@ import logging
 import os
 import shutil
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -51,7 +50,8 @@ def serve(
     port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
     workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes")] = 1,
     sandbox: Annotated[
-        bool | None, typer.Option("--sandbox/--no-sandbox", help="run the stand-ins (default: when no credentials)")
+        bool | None,
+        typer.Option("--sandbox/--no-sandbox", help="run the stand-ins (default: when no credentials)"),
     ] = None,
 ) -> None:
     """Run the service; migrates the database first."""

@@ -23,7 +23,9 @@ class BodyTooLarge(Exception):
 
 
 def too_large_body() -> bytes:
-    return json.dumps({"info": "请求体过大", "status": 0, "code": "body_too_large"}, ensure_ascii=False).encode()
+    return json.dumps(
+        {"info": "请求体过大", "status": 0, "code": "body_too_large"}, ensure_ascii=False
+    ).encode()
 
 
 class BodyLimit:
@@ -75,7 +77,10 @@ class BodyLimit:
             {
                 "type": "http.response.start",
                 "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
             }
         )
         await send({"type": "http.response.body", "body": body})

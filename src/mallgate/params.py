@@ -52,7 +52,7 @@ class Params(dict[str, Any]):
 def parse_amount(value: Any, name: str = "amount") -> Decimal:
     """Yuan with at most two decimals, positive; floats from JSON are refused, being inexact."""
     if isinstance(value, bool) or not isinstance(value, str | int):
-        raise ApiError(f"参数 {name} 应为金额字符串，如 \"9.90\"", "param.invalid", field=name)
+        raise ApiError(f'参数 {name} 应为金额字符串，如 "9.90"', "param.invalid", field=name)
     text = str(value).strip()
     if not re.fullmatch(r"\d{1,10}(\.\d{1,2})?", text):
         raise ApiError(f"参数 {name} 应为最多两位小数的正数金额", "param.invalid", field=name)

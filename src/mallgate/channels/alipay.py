@@ -64,7 +64,8 @@ PAID_STATUSES: Final = frozenset({"TRADE_SUCCESS", "TRADE_FINISHED"})
 _HASHES: Final[Mapping[str, type[hashes.HashAlgorithm]]] = {"RSA2": hashes.SHA256, "RSA": hashes.SHA1}
 # GBK is a superset of GB2312 and round-trips its bytes exactly, so one codec serves both labels.
 _CHARSETS: Final[Mapping[str, str]] = {"utf-8": "utf-8", "utf8": "utf-8", "gbk": "gbk", "gb2312": "gbk"}
-_AMOUNT = re.compile(r"\d{1,12}(\.\d{1,2})?")
+# [0-9], not \d: \d also matches fullwidth and other scripts' digits, which Decimal/int accept.
+_AMOUNT = re.compile(r"[0-9]{1,12}(\.[0-9]{1,2})?")
 
 
 def success() -> str:
@@ -250,7 +251,9 @@ def sign_request(
     return out
 
 
-def verify_request(params: Mapping[str, str], public_key: PublicKeyLike, sign_type: SignType = "RSA2") -> None:
+def verify_request(
+    params: Mapping[str, str], public_key: PublicKeyLike, sign_type: SignType = "RSA2"
+) -> None:
     """The sandbox's side of :func:`sign_request`: checks a merchant's call."""
     if params.get("sign_type", sign_type) != sign_type:
         raise NotAuthentic("sign_type differs from the configured one")
@@ -477,7 +480,9 @@ def _common_params(settings: AlipaySettings, method: str, clock: Clock) -> dict[
 
 
 def _biz(content: Mapping[str, Any]) -> str:
-    return json.dumps({k: v for k, v in content.items() if v is not None}, ensure_ascii=False, separators=(",", ":"))
+    return json.dumps(
+        {k: v for k, v in content.items() if v is not None}, ensure_ascii=False, separators=(",", ":")
+    )
 
 
 def _pay_params(
@@ -652,7 +657,9 @@ class AlipayClient:
             trade_status=status,
             out_trade_no=str(payload.get("out_trade_no", out_trade_no)),
             trade_no=str(payload.get("trade_no", "")),
-            total_amount=_amount({"total_amount": str(amount)}, "total_amount") if amount is not None else None,
+            total_amount=_amount({"total_amount": str(amount)}, "total_amount")
+            if amount is not None
+            else None,
             sub_code=sub_code,
             raw=payload,
             _seal=_SEAL,

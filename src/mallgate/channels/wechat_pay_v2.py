@@ -47,7 +47,8 @@ __all__ = [
 V2SignType = Literal["MD5", "HMAC-SHA256"]
 
 _XML_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
-_FEN = re.compile(r"\d{1,15}")
+# [0-9], not \d: \d also matches fullwidth and other scripts' digits, which Decimal/int accept.
+_FEN = re.compile(r"[0-9]{1,15}")
 
 
 class MalformedNotification(ChannelError, ValueError):
@@ -213,6 +214,13 @@ def _fen(fields: Mapping[str, str], name: str, *, required: bool) -> int | None:
     return int(value)
 
 
+def _fen_required(fields: Mapping[str, str], name: str) -> int:
+    value = _fen(fields, name, required=True)
+    if value is None:  # pragma: no cover - required=True already raised
+        raise MalformedNotification(f"missing {name}")
+    return value
+
+
 def _check_merchant(fields: Mapping[str, str], app_id: str, mch_id: str) -> None:
     if fields.get("mch_id", "") != mch_id:
         raise ForeignNotification("notification for another mch_id")
@@ -306,16 +314,13 @@ def verify_v2_refund(body: bytes, *, api_key: str, app_id: str, mch_id: str) -> 
     # The outer ids are unsigned; they are compared only once decryption has shown the
     # message was made with our key, to catch a notice routed to the wrong merchant config.
     _check_merchant(outer, app_id, mch_id)
-    total_fee = _fen(inner, "total_fee", required=True)
-    refund_fee = _fen(inner, "refund_fee", required=True)
-    assert total_fee is not None and refund_fee is not None  # noqa: S101 - narrowed by required=True
     return WechatV2Refund(
         out_trade_no=inner.get("out_trade_no", ""),
         transaction_id=inner.get("transaction_id", ""),
         out_refund_no=inner.get("out_refund_no", ""),
         refund_id=inner.get("refund_id", ""),
-        refund_fee=refund_fee,
-        total_fee=total_fee,
+        refund_fee=_fen_required(inner, "refund_fee"),
+        total_fee=_fen_required(inner, "total_fee"),
         settlement_refund_fee=_fen(inner, "settlement_refund_fee", required=False),
         settlement_total_fee=_fen(inner, "settlement_total_fee", required=False),
         refund_status=inner.get("refund_status", ""),

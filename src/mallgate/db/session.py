@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.pool import NullPool
+from sqlalchemy.pool import StaticPool
 
 
 def engine_for(url: str, *, connect_timeout: float = 2.0, pool_size: int = 10) -> AsyncEngine:
@@ -22,9 +22,9 @@ def engine_for(url: str, *, connect_timeout: float = 2.0, pool_size: int = 10) -
         database = parsed.database or ""
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
-        # aiosqlite connections are cheap threads; pooling gives little and NullPool avoids
-        # handing a connection across event loops in tests.
-        kwargs = {"poolclass": NullPool, "connect_args": {"timeout": 30}}
+        kwargs = {"connect_args": {"timeout": 30}}
+        if not database or database == ":memory:":
+            kwargs["poolclass"] = StaticPool
     elif backend == "postgresql":
         kwargs.update(pool_size=pool_size, connect_args={"timeout": connect_timeout})
     elif backend in ("mysql", "mariadb"):
@@ -56,7 +56,12 @@ def _tune_sqlite(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Writers take the write lock up front and queue on busy_timeout; readers don't block anyone.
+        conn.exec_driver_sql("BEGIN " + conn.get_execution_options().get(SQLITE_BEGIN, "IMMEDIATE"))
+
+
+SQLITE_BEGIN = "mallgate_sqlite_begin"
+_READ_ONLY = {SQLITE_BEGIN: "DEFERRED"}
 
 
 class Database:
@@ -72,8 +77,19 @@ class Database:
         async with self._sessions() as session, session.begin():
             yield session
 
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncSession]:
+        """A transaction that only reads: on SQLite it takes no write lock."""
+        async with self._sessions() as session:
+            await session.connection(execution_options=_READ_ONLY)
+            try:
+                yield session
+            finally:
+                await session.rollback()
+
     async def ping(self) -> None:
         async with self.engine.connect() as conn:
+            await conn.execution_options(**_READ_ONLY)
             await conn.execute(text("SELECT 1"))
 
     async def dispose(self) -> None:

@@ -24,7 +24,9 @@ async def create_goods(runtime: RuntimeDep, params: ParamsDep) -> JSONResponse:
     name = params.text("name", max_length=128)
     price = parse_amount(params.get("price"), "price")
     async with runtime.db.transaction() as session:
-        row = await goods.create_goods(session, runtime.clock.utcnow().replace(tzinfo=None), name=name, price=price)
+        row = await goods.create_goods(
+            session, runtime.clock.utcnow().replace(tzinfo=None), name=name, price=price
+        )
         return ok(goods.goods_view(row))
 
 
@@ -50,7 +52,7 @@ async def create_order(runtime: RuntimeDep, params: ParamsDep) -> JSONResponse:
 
 @router.get("/orders/{order_no}")
 async def get_order(runtime: RuntimeDep, order_no: OrderNo) -> JSONResponse:
-    async with runtime.db.transaction() as session:
+    async with runtime.db.read() as session:
         order = await orders.find_order(session, order_no)
         if order is None:
             raise ApiError("订单不存在", "order.not_found")
@@ -78,7 +80,7 @@ async def create_user(runtime: RuntimeDep, params: ParamsDep) -> JSONResponse:
 async def get_user(runtime: RuntimeDep, user_id: Annotated[str, Path()]) -> JSONResponse:
     if not user_id.isdigit() or len(user_id) > 18:
         raise ApiError("用户 id 应为整数", "param.invalid", field="id")
-    async with runtime.db.transaction() as session:
+    async with runtime.db.read() as session:
         user = await session.get(User, int(user_id))
         if user is None:
             raise ApiError("用户不存在", "user.not_found")
@@ -88,5 +90,5 @@ async def get_user(runtime: RuntimeDep, user_id: Annotated[str, Path()]) -> JSON
 @router.get("/notifications")
 async def list_notifications(runtime: RuntimeDep, params: ParamsDep) -> JSONResponse:
     order_no = params.text("order_no", max_length=64)
-    async with runtime.db.transaction() as session:
+    async with runtime.db.read() as session:
         return ok(await orders.notifications_for(session, order_no))

@@ -1,0 +1,152 @@
+"""Measure a route at a fixed concurrency beside the same server's floor route, in one run.
+
+    python bench/load.py --url http://127.0.0.1:8000 --path /healthz [--connections 32] [--seconds 10]
+
+Uses wrk when it is installed (a separate, faster load generator), else a small
+async Python client. Prints requests/s, p50 and p99 for /floor and each path, and
+the ratio to the floor, so the figures hold on a noisy machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+
+@dataclass
+class Result:
+    label: str
+    requests: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+Request = tuple[str, str, dict[str, str], bytes]  # method, path, headers, body
+
+
+async def python_load(
+    base: str, make_request: Callable[[int], Request], connections: int, seconds: float, label: str
+) -> Result:
+    latencies: list[float] = []
+    errors = 0
+    counter = 0
+    deadline = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as client:
+
+        async def worker() -> None:
+            nonlocal errors, counter
+            while time.perf_counter() < deadline:
+                counter += 1
+                method, path, headers, body = make_request(counter)
+                started = time.perf_counter()
+                try:
+                    response = await client.request(method, path, headers=headers, content=body or None)
+                    if response.status_code >= 400:
+                        errors += 1
+                except httpx.HTTPError:
+                    errors += 1
+                latencies.append((time.perf_counter() - started) * 1000)
+
+        began = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(connections)))
+        elapsed = time.perf_counter() - began
+    return Result(label, len(latencies), elapsed, _percentile(latencies, 0.5), _percentile(latencies, 0.99), errors)
+
+
+_WRK_DONE = """
+done = function(summary, latency, requests)
+  io.write(string.format("MG %d %.3f %.3f %.3f %d\\n", summary.requests, summary.duration / 1e6,
+    latency:percentile(50) / 1000, latency:percentile(99) / 1000,
+    summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
+end
+"""
+
+
+def wrk_load(base: str, lua_request: str, connections: int, seconds: float, label: str, threads: int = 2) -> Result:
+    """Run wrk with a Lua `request` function (or none for a plain GET of the path in `base`)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(lua_request + _WRK_DONE)
+    out = subprocess.run(
+        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{int(seconds)}s", "--latency", "-s", script.name, base],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    Path(script.name).unlink()
+    match = re.search(r"^MG (\d+) ([\d.]+) ([\d.]+) ([\d.]+) (\d+)$", out, re.M)
+    if not match:
+        raise RuntimeError(f"wrk printed no summary:\n{out}")
+    n, dur, p50, p99, errors = match.groups()
+    return Result(label, int(n), float(dur), float(p50), float(p99), int(errors))
+
+
+def lua_for(method: str, path: str, headers: dict[str, str], body: bytes) -> str:
+    hdrs = ", ".join(f'["{k}"]="{v}"' for k, v in headers.items())
+    return (
+        f"local body = [==[{body.decode()}]==]\n"
+        f'request = function() return wrk.format("{method}", "{path}", {{{hdrs}}}, '
+        f'{"body" if body else "nil"}) end\n'
+    )
+
+
+def measure(
+    base: str, method: str, path: str, headers: dict[str, str], body: bytes, connections: int, seconds: float,
+    use_wrk: bool, label: str | None = None,
+) -> Result:
+    label = label or f"{method} {path}"
+    if use_wrk:
+        return wrk_load(base, lua_for(method, path, headers, body), connections, seconds, label)
+    return asyncio.run(python_load(base, lambda _n: (method, path, headers, body), connections, seconds, label))
+
+
+def report(results: list[Result], floor: Result, tool: str, connections: int) -> None:
+    print(f"load tool: {tool}, {connections} connections")
+    print(f"{'route':<40} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'vs floor':>9}")
+    for r in [floor, *results]:
+        ratio = r.rps / floor.rps if floor.rps else float("nan")
+        print(f"{r.label:<40} {r.rps:>10.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} {r.errors:>7} {ratio:>8.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--path", action="append", default=[], help="route to measure (repeatable)")
+    parser.add_argument("--method", default="GET")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--python", action="store_true", help="use the Python client even where wrk exists")
+    args = parser.parse_args()
+    use_wrk = bool(shutil.which("wrk")) and not args.python
+    floor = measure(args.url, "GET", "/floor", {}, b"", args.connections, args.seconds, use_wrk, "GET /floor")
+    results = [
+        measure(args.url, args.method, p, {}, b"", args.connections, args.seconds, use_wrk) for p in args.path
+    ]
+    report(results, floor, "wrk" if use_wrk else "python httpx", args.connections)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+"""The logged-in user's own profile: lets a client check that its token still works."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from mallgate.deps import UserDep
+from mallgate.envelope import ok
+from mallgate.services import accounts
+
+router = APIRouter()
+
+
+@router.api_route("/user/info", methods=["GET", "POST"])
+async def user_info(user: UserDep) -> JSONResponse:
+    return ok(accounts.profile(user))

@@ -1,0 +1,257 @@
+"""Test harness: the real app over real HTTP, on every database that can be reached.
+
+Tests that take the `backend` fixture (directly or through `server`/`client`)
+run once per database: SQLite always, PostgreSQL and MySQL/MariaDB when
+`scripts/test` (or the environment) provides them. Each run creates its own
+database and drops it afterwards, so runs never see each other's rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from sqlalchemy.engine import make_url
+
+from mallgate.app import create_app
+from mallgate.clock import Clock
+from mallgate.db.migrate import upgrade
+from mallgate.settings import Settings
+from support import ADMIN_TOKEN
+
+PG_DEFAULT = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+MYSQL_DEFAULT = "mysql+aiomysql://root@127.0.0.1:3306/test"
+
+
+def _reachable(url: str) -> bool:
+    parsed = make_url(url)
+    try:
+        with socket.create_connection((parsed.host or "127.0.0.1", parsed.port or 0), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _backends() -> dict[str, str]:
+    """name -> server URL; from MALLGATE_TEST_DATABASES, else whatever answers locally."""
+    pg = os.environ.get("MALLGATE_TEST_PG_URL", PG_DEFAULT)
+    my = os.environ.get("MALLGATE_TEST_MYSQL_URL", MYSQL_DEFAULT)
+    wanted = os.environ.get("MALLGATE_TEST_DATABASES")
+    if wanted:
+        names = [n.strip() for n in wanted.split(",") if n.strip()]
+    else:
+        names = ["sqlite"] + [n for n, u in (("postgresql", pg), ("mysql", my)) if _reachable(u)]
+    urls = {"sqlite": "", "postgresql": pg, "mysql": my}
+    unknown = set(names) - set(urls)
+    if unknown:
+        raise pytest.UsageError(f"unknown test databases: {sorted(unknown)}")
+    return {n: urls[n] for n in names}
+
+
+BACKENDS = _backends()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", list(BACKENDS), indirect=True, scope="session")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    line = "=" * 20
+    terminalreporter.write_line(
+        f"{line} DATABASES TESTED: {', '.join(BACKENDS)} {line}", bold=True, yellow=len(BACKENDS) < 3
+    )
+    missing = {"sqlite", "postgresql", "mysql"} - set(BACKENDS)
+    if missing:
+        terminalreporter.write_line(f"NOT TESTED ON: {', '.join(sorted(missing))}", red=True, bold=True)
+
+
+async def _create_database(kind: str, server_url: str, name: str) -> str:
+    parsed = make_url(server_url)
+    if kind == "postgresql":
+        import asyncpg
+
+        conn = await asyncpg.connect(
+            host=parsed.host,
+            port=parsed.port,
+            user=parsed.username,
+            password=parsed.password,
+            database=parsed.database,
+        )
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+    else:
+        import aiomysql
+
+        conn = await aiomysql.connect(
+            host=parsed.host, port=parsed.port or 3306, user=parsed.username, password=parsed.password or ""
+        )
+        try:
+            async with conn.cursor() as cur:
+                await cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
+        finally:
+            conn.close()
+    return parsed.set(database=name).render_as_string(hide_password=False)
+
+
+async def _drop_database(kind: str, server_url: str, name: str) -> None:
+    parsed = make_url(server_url)
+    if kind == "postgresql":
+        import asyncpg
+
+        conn = await asyncpg.connect(
+            host=parsed.host,
+            port=parsed.port,
+            user=parsed.username,
+            password=parsed.password,
+            database=parsed.database,
+        )
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+    else:
+        import aiomysql
+
+        conn = await aiomysql.connect(
+            host=parsed.host, port=parsed.port or 3306, user=parsed.username, password=parsed.password or ""
+        )
+        try:
+            async with conn.cursor() as cur:
+                await cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+        finally:
+            conn.close()
+
+
+@dataclass
+class Backend:
+    name: str
+    url: str
+
+
+@pytest.fixture(scope="session")
+async def backend(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Backend]:
+    kind: str = request.param
+    if kind == "sqlite":
+        path = tmp_path_factory.mktemp("sqlite") / "mallgate.db"
+        url = f"sqlite+aiosqlite:///{path}"
+        await asyncio.to_thread(upgrade, url)
+        yield Backend(kind, url)
+        return
+    name = f"mallgate_t_{os.getpid()}_{secrets.token_hex(3)}"
+    url = await _create_database(kind, BACKENDS[kind], name)
+    try:
+        await asyncio.to_thread(upgrade, url)  # every run migrates from empty
+        yield Backend(kind, url)
+    finally:
+        await _drop_database(kind, BACKENDS[kind], name)
+
+
+class TestClock(Clock):
+    """The wall clock plus an offset tests can move forward."""
+
+    __test__ = False
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+        super().__init__(now=lambda: time.time() + self.offset)
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Server:
+    url: str
+    api: str
+    backend: Backend
+    settings: Settings
+    clock: TestClock
+    app: Any
+
+
+def make_settings(backend: Backend, var_dir: Path, port: int, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "database_url": backend.url,
+        "var_dir": var_dir,
+        "public_url": f"http://127.0.0.1:{port}",
+        "admin_token": ADMIN_TOKEN,
+        "sandbox": True,
+        **overrides,
+    }
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@pytest.fixture(scope="session")
+def sandbox_var(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # One sandbox key set for the whole run: RSA key generation is the slow part.
+    return tmp_path_factory.mktemp("var")
+
+
+async def start_server(
+    settings: Settings, clock: TestClock, port: int
+) -> tuple[Any, uvicorn.Server, asyncio.Task[None]]:
+    app = create_app(settings, clock=clock)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    for _ in range(200):
+        if server.started:
+            break
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.02)
+    return app, server, task
+
+
+@pytest.fixture(scope="session")
+async def server(backend: Backend, sandbox_var: Path) -> AsyncIterator[Server]:
+    port = free_port()
+    clock = TestClock()
+    settings = make_settings(backend, sandbox_var, port)
+    app, uv, task = await start_server(settings, clock, port)
+    url = f"http://127.0.0.1:{port}"
+    yield Server(
+        url=url, api=url + settings.base_path, backend=backend, settings=settings, clock=clock, app=app
+    )
+    uv.should_exit = True
+    await task
+
+
+@pytest.fixture(scope="session")
+async def client(server: Server) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+        yield http
+
+
+@pytest.fixture(scope="session")
+def admin_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@pytest.fixture(autouse=True)
+def _reset_clock(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    if "server" in request.fixturenames:
+        request.getfixturevalue("server").clock.offset = 0.0
