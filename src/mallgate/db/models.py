@@ -139,6 +139,20 @@ class WalletEntry(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime)
 
 
+class Refund(Base):
+    """One refund as the platform identified it; the unique key makes a repeated notice a no-op."""
+
+    __tablename__ = "refunds"
+    __table_args__ = (UniqueConstraint("channel", "refund_no"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    order_no: Mapped[str] = mapped_column(String(64), index=True)
+    channel: Mapped[str] = mapped_column(String(16))
+    refund_no: Mapped[str] = mapped_column(String(128))
+    amount: Mapped[Decimal] = mapped_column(Money)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
 class PaymentNotification(Base):
     """Every notification as received, kept for audit and replay whatever its fate."""
 

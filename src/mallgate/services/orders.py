@@ -1,18 +1,20 @@
-"""Orders: creation, the view the admin API shows, and stored payment notifications."""
+"""Orders: creation, the admin view, stored notifications, and the payment state machine."""
 
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from mallgate.db.models import Order, PaymentNotification, User
+from mallgate.db.models import Order, PaymentNotification, Refund, User, WalletEntry
 from mallgate.envelope import ApiError
+from mallgate.services import outbox
 
 KINDS = ("goods", "recharge")
 
@@ -110,3 +112,198 @@ async def notifications_for(session: AsyncSession, order_no: str) -> list[dict[s
         )
     ).all()
     return [notification_view(r) for r in rows]
+
+
+# ---------------------------------------------------------------------------
+# The payment state machine, shared by every channel.
+#
+#   unpaid --pay--> paid --refund--> partially_refunded --refund--> refunded
+#   unpaid --close--> closed --pay (money arrived after all)--> paid
+#
+# Every transition is one conditional UPDATE on the state it leaves, so a
+# duplicate, concurrent or late notification finds nothing to change.
+# ---------------------------------------------------------------------------
+
+PAYABLE = ("unpaid", "closed")
+REFUNDABLE = ("paid", "partially_refunded")
+
+
+@dataclass(frozen=True)
+class PaymentEvent:
+    """What a verified notification (or a query answer) says happened, channel-neutral."""
+
+    channel: str
+    order_no: str
+    action: str  # "pay", "close", "refund" or "none"
+    trade_no: str = ""
+    amount: Decimal | None = None  # the paid total, in yuan, for "pay"
+    refund_no: str = ""  # the platform's id of one refund, for "refund"
+    refund_amount: Decimal | None = None  # that refund alone (WeChat Pay)
+    refund_total: Decimal | None = None  # all refunds so far (Alipay's cumulative refund_fee)
+
+
+@dataclass(frozen=True)
+class Applied:
+    """The fate of an event: `accepted` means the platform may stop resending it."""
+
+    accepted: bool
+    outcome: str  # applied, duplicate, ignored, rejected
+    reason: str = ""
+
+
+async def apply_event(session: AsyncSession, event: PaymentEvent, now: datetime) -> Applied:
+    """Apply one verified event inside the caller's transaction."""
+    order = await find_order(session, event.order_no)
+    if order is None:
+        return Applied(False, "rejected", "unknown order")
+    if event.action == "pay":
+        return await _pay(session, order, event, now)
+    if event.action == "close":
+        return await _close(session, order, now)
+    if event.action == "refund":
+        return await _refund(session, order, event, now)
+    return Applied(True, "ignored", "nothing to change")
+
+
+async def _pay(session: AsyncSession, order: Order, event: PaymentEvent, now: datetime) -> Applied:
+    if event.amount is None or event.amount != order.amount:
+        return Applied(False, "rejected", f"amount mismatch: notified {event.amount}, order {order.amount}")
+    if not event.trade_no:
+        return Applied(False, "rejected", "no trade number")
+    try:
+        async with session.begin_nested():
+            changed = await session.execute(
+                update(Order)
+                .where(Order.id == order.id, Order.status.in_(PAYABLE))
+                .values(
+                    status="paid",
+                    channel=event.channel,
+                    trade_no=event.trade_no,
+                    paid_amount=event.amount,
+                    paid_at=now,
+                    updated_at=now,
+                )
+            )
+    except IntegrityError:
+        return Applied(False, "rejected", "trade number already belongs to another order")
+    if changed.rowcount != 1:  # type: ignore[attr-defined]
+        await session.refresh(order)
+        if order.channel == event.channel and order.trade_no == event.trade_no:
+            return Applied(True, "duplicate", "already paid")
+        # Paid twice (two channels, or two trades): the money is real, so accept it and raise it for a refund.
+        outbox.add_event(
+            session,
+            "order.paid_twice",
+            {
+                "order_no": order.order_no,
+                "channel": event.channel,
+                "trade_no": event.trade_no,
+                "amount": _money(event.amount),
+            },
+            now,
+        )
+        return Applied(
+            True, "duplicate", f"already {order.status} by {order.channel} {order.trade_no}: refund due"
+        )
+    reason = "paid after close" if order.status == "closed" else ""
+    if order.kind == "recharge" and order.user_id is not None:
+        await _credit_wallet(session, order, now)
+    outbox.add_event(
+        session,
+        "order.paid",
+        {
+            "order_no": order.order_no,
+            "kind": order.kind,
+            "amount": _money(order.amount),
+            "channel": event.channel,
+            "trade_no": event.trade_no,
+            "user_id": order.user_id,
+        },
+        now,
+    )
+    return Applied(True, "applied", reason)
+
+
+async def _credit_wallet(session: AsyncSession, order: Order, now: datetime) -> None:
+    # The ledger row's unique order_no is a second lock on "credit once", should the status check ever fail.
+    session.add(
+        WalletEntry(user_id=order.user_id, order_no=order.order_no, amount=order.amount, created_at=now)
+    )
+    await session.flush()
+    await session.execute(
+        update(User).where(User.id == order.user_id).values(balance=User.balance + order.amount)
+    )
+
+
+async def _close(session: AsyncSession, order: Order, now: datetime) -> Applied:
+    changed = await session.execute(
+        update(Order)
+        .where(Order.id == order.id, Order.status == "unpaid")
+        .values(status="closed", closed_at=now, updated_at=now)
+    )
+    if changed.rowcount == 1:  # type: ignore[attr-defined]
+        return Applied(True, "applied", "closed")
+    return Applied(True, "duplicate", f"order is {order.status}")
+
+
+async def _refund(session: AsyncSession, order: Order, event: PaymentEvent, now: datetime) -> Applied:
+    if order.channel is not None and order.channel != event.channel:
+        return Applied(False, "rejected", f"order was paid by {order.channel}")
+    if event.refund_total is None and (event.refund_amount is None or not event.refund_no):
+        return Applied(False, "rejected", "refund without amount or id")
+    for _ in range(5):
+        if order.status not in REFUNDABLE:
+            return Applied(True, "ignored", f"order is {order.status}")
+        current = order.refunded_amount
+        if event.refund_total is not None:
+            new_total = max(current, event.refund_total)
+        else:
+            assert event.refund_amount is not None
+            try:
+                async with session.begin_nested():
+                    session.add(
+                        Refund(
+                            order_no=order.order_no,
+                            channel=event.channel,
+                            refund_no=event.refund_no,
+                            amount=event.refund_amount,
+                            created_at=now,
+                        )
+                    )
+            except IntegrityError:
+                return Applied(True, "duplicate", "refund already recorded")
+            new_total = current + event.refund_amount
+        if new_total > order.amount:
+            return Applied(False, "rejected", f"refunds {new_total} exceed the order's {order.amount}")
+        if new_total == current:
+            return Applied(True, "duplicate", "refund already recorded")
+        changed = await session.execute(
+            update(Order)
+            .where(Order.id == order.id, Order.refunded_amount == current, Order.status.in_(REFUNDABLE))
+            .values(
+                refunded_amount=new_total,
+                status="refunded" if new_total == order.amount else "partially_refunded",
+                updated_at=now,
+            )
+        )
+        if changed.rowcount == 1:  # type: ignore[attr-defined]
+            if event.refund_total is not None and event.refund_no:
+                async with session.begin_nested():
+                    session.add(
+                        Refund(
+                            order_no=order.order_no,
+                            channel=event.channel,
+                            refund_no=f"{event.refund_no}@{new_total}",
+                            amount=new_total - current,
+                            created_at=now,
+                        )
+                    )
+            outbox.add_event(
+                session,
+                "order.refunded",
+                {"order_no": order.order_no, "refunded_amount": _money(new_total), "channel": event.channel},
+                now,
+            )
+            return Applied(True, "applied", f"refunded {_money(new_total)} in all")
+        await session.refresh(order)
+    return Applied(False, "rejected", "refund kept colliding with another update; will be retried")

@@ -1,0 +1,25 @@
+"""The outbox: events written in the same transaction as the state change that causes them.
+
+A worker sends them later, with retries; a notify handler never calls out inline.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from mallgate.db.models import OutboxEvent
+
+
+def add_event(session: AsyncSession, topic: str, payload: dict[str, Any], now: datetime) -> None:
+    session.add(
+        OutboxEvent(
+            topic=topic,
+            payload=json.dumps(payload, ensure_ascii=False, sort_keys=True),
+            created_at=now,
+            available_at=now,
+        )
+    )
