@@ -30,7 +30,7 @@ from mallgate.settings import Settings
 from support import ADMIN_TOKEN
 
 PG_DEFAULT = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
-MYSQL_DEFAULT = "mysql+aiomysql://root@127.0.0.1:3306/test"
+MYSQL_DEFAULT = "mysql+asyncmy://root@127.0.0.1:3306/test"
 
 
 def _reachable(url: str) -> bool:
@@ -76,6 +76,19 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_line(f"NOT TESTED ON: {', '.join(sorted(missing))}", red=True, bold=True)
 
 
+async def _mysql_execute(parsed: Any, statement: str) -> None:
+    import asyncmy
+
+    conn = await asyncmy.connect(
+        host=parsed.host, port=parsed.port or 3306, user=parsed.username, password=parsed.password or ""
+    )
+    try:
+        async with conn.cursor() as cur:
+            await cur.execute(statement)
+    finally:
+        conn.close()
+
+
 async def _create_database(kind: str, server_url: str, name: str) -> str:
     parsed = make_url(server_url)
     if kind == "postgresql":
@@ -93,16 +106,7 @@ async def _create_database(kind: str, server_url: str, name: str) -> str:
         finally:
             await conn.close()
     else:
-        import aiomysql
-
-        conn = await aiomysql.connect(
-            host=parsed.host, port=parsed.port or 3306, user=parsed.username, password=parsed.password or ""
-        )
-        try:
-            async with conn.cursor() as cur:
-                await cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
-        finally:
-            conn.close()
+        await _mysql_execute(parsed, f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
     return parsed.set(database=name).render_as_string(hide_password=False)
 
 
@@ -123,16 +127,7 @@ async def _drop_database(kind: str, server_url: str, name: str) -> None:
         finally:
             await conn.close()
     else:
-        import aiomysql
-
-        conn = await aiomysql.connect(
-            host=parsed.host, port=parsed.port or 3306, user=parsed.username, password=parsed.password or ""
-        )
-        try:
-            async with conn.cursor() as cur:
-                await cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
-        finally:
-            conn.close()
+        await _mysql_execute(parsed, f"DROP DATABASE IF EXISTS `{name}`")
 
 
 @dataclass

@@ -170,6 +170,7 @@ async def _pay(session: AsyncSession, order: Order, event: PaymentEvent, now: da
         return Applied(False, "rejected", f"amount mismatch: notified {event.amount}, order {order.amount}")
     if not event.trade_no:
         return Applied(False, "rejected", "no trade number")
+    was_closed = order.status == "closed"
     try:
         async with session.begin_nested():
             changed = await session.execute(
@@ -205,7 +206,7 @@ async def _pay(session: AsyncSession, order: Order, event: PaymentEvent, now: da
         return Applied(
             True, "duplicate", f"already {order.status} by {order.channel} {order.trade_no}: refund due"
         )
-    reason = "paid after close" if order.status == "closed" else ""
+    reason = "paid after close" if was_closed else ""
     if order.kind == "recharge" and order.user_id is not None:
         await _credit_wallet(session, order, now)
     outbox.add_event(
