@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from base64 import b64encode
+from collections.abc import Mapping
 from decimal import Decimal
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -143,7 +144,9 @@ def test_parse_form_refuses_unknown_charset_and_bad_bytes() -> None:
 
 
 def test_gbk_notification_verifies_after_parse_form(alipay_key: rsa.RSAPrivateKey) -> None:
-    notice = sign_notification(paid_notice(charset="gbk", subject="测试商品", body="中文描述 + 符号"), alipay_key)
+    notice = sign_notification(
+        paid_notice(charset="gbk", subject="测试商品", body="中文描述 + 符号"), alipay_key
+    )
     body = urlencode(notice, encoding="gbk").encode("ascii")
     # 测 is B2E2 in GBK (E6B58B in UTF-8): the body really is GBK
     assert b"%B2%E2" in body and b"%E6%B5%8B" not in body
@@ -168,7 +171,9 @@ def test_gb2312_label_is_read_as_gbk(alipay_key: rsa.RSAPrivateKey) -> None:
 def test_escaped_json_and_passback_params_survive(alipay_key: rsa.RSAPrivateKey) -> None:
     passback = "a=1&b=2+3 %41"
     vouchers = '[{"id":"x&y=z","name":"满100减10 +","memo":"&quot;q&quot; <b>"}]'
-    notice = sign_notification(paid_notice(passback_params=passback, voucher_detail_list=vouchers), alipay_key)
+    notice = sign_notification(
+        paid_notice(passback_params=passback, voucher_detail_list=vouchers), alipay_key
+    )
     parsed = parse_form(urlencode(notice).encode())
     note = check(parsed, alipay_key)
     assert note.raw["passback_params"] == passback
@@ -404,7 +409,10 @@ def test_response_is_checked_over_the_text_as_received(alipay_key: rsa.RSAPrivat
 def test_response_without_sign_or_with_repeated_key(alipay_key: rsa.RSAPrivateKey) -> None:
     with pytest.raises(NotAuthentic):
         verify_response(
-            '{"alipay_trade_query_response":{"code":"10000"}}', "alipay.trade.query", alipay_key, "RSA2"
+            '{"alipay_trade_query_response":{"code":"10000"}}',
+            "alipay.trade.query",
+            alipay_key.public_key(),
+            "RSA2",
         )
     text = sign_response("alipay.trade.query", {"code": "10000"}, alipay_key)
     doubled = text[:-1] + ',"alipay_trade_query_response":{"code":"40004"}}'
@@ -429,7 +437,7 @@ def make_settings(alipay_key: rsa.RSAPrivateKey, merchant_key: rsa.RSAPrivateKey
 
 
 def fake_gateway(
-    alipay_key: rsa.RSAPrivateKey, merchant_key: rsa.RSAPrivateKey, answer: dict[str, object] | str
+    alipay_key: rsa.RSAPrivateKey, merchant_key: rsa.RSAPrivateKey, answer: Mapping[str, object] | str
 ) -> httpx.AsyncClient:
     seen: list[dict[str, str]] = []
 
@@ -481,14 +489,18 @@ async def test_trade_query_refuses_forged_answer(
     alipay_key: rsa.RSAPrivateKey, merchant_key: rsa.RSAPrivateKey
 ) -> None:
     # signed by the merchant key instead of Alipay's
-    forged = sign_response("alipay.trade.query", {"code": "10000", "trade_status": "TRADE_SUCCESS"}, merchant_key)
+    forged = sign_response(
+        "alipay.trade.query", {"code": "10000", "trade_status": "TRADE_SUCCESS"}, merchant_key
+    )
     http = fake_gateway(alipay_key, merchant_key, forged)
     async with AlipayClient(make_settings(alipay_key, merchant_key), http=http, clock=PINNED) as client:
         with pytest.raises(NotAuthentic):
             await client.trade_query("M1")
 
 
-async def test_trade_query_unsigned_error(alipay_key: rsa.RSAPrivateKey, merchant_key: rsa.RSAPrivateKey) -> None:
+async def test_trade_query_unsigned_error(
+    alipay_key: rsa.RSAPrivateKey, merchant_key: rsa.RSAPrivateKey
+) -> None:
     unsigned = '{"error_response":{"code":"40002","msg":"Invalid Arguments","sub_code":"isv.invalid-app-id"}}'
     http = fake_gateway(alipay_key, merchant_key, unsigned)
     async with AlipayClient(make_settings(alipay_key, merchant_key), http=http, clock=PINNED) as client:

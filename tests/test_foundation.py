@@ -71,7 +71,7 @@ async def test_token_by_header_or_parameter_and_stored_hashed(client: httpx.Asyn
             # The clear token appears in no column of any table.
             tables = await session.run_sync(lambda s: inspect(s.connection()).get_table_names())
             for table in tables:
-                rows = (await session.execute(text(f"SELECT * FROM {table}"))).all()  # noqa: S608
+                rows = (await session.execute(text(f"SELECT * FROM {table}"))).all()
                 assert not any(token in str(value) for row in rows for value in row), table
     finally:
         await db.dispose()

@@ -8,11 +8,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from mallgate.clock import Clock
 from mallgate.envelope import install_handlers
-from mallgate.middleware import BodyLimit, BodyTooLarge, Metrics, too_large_body
+from mallgate.middleware import BareOptions, BodyLimit, BodyTooLarge, Metrics, too_large_body
 from mallgate.routes import account, admin, health
 from mallgate.runtime import Runtime
 from mallgate.sandbox.app import MOUNT, create_sandbox_app, sandbox_settings
@@ -67,11 +67,7 @@ def create_app(
     if sandbox_app is not None:
         app.mount(MOUNT, sandbox_app)
 
-    @app.options("/{path:path}")
-    async def _preflight(path: str) -> Response:
-        # The original answered every OPTIONS with 200; some clients preflight without the CORS headers.
-        return JSONResponse({"info": "ok", "status": 1})
-
+    app.add_middleware(BareOptions)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=["*"],

@@ -22,7 +22,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from mallgate.channels.errors import ChannelError, NotAuthentic
+from mallgate.channels.errors import ChannelError, ForeignNotification, MalformedNotification, NotAuthentic
 from mallgate.clock import Clock, default_clock
 from mallgate.keys import KeyFormatError, load_private_key, load_public_key
 from mallgate.settings import AlipaySettings
@@ -47,6 +47,7 @@ __all__ = [
     "sign_response",
     "success",
     "verify_notification",
+    "verify_request",
     "verify_response",
     "wap_pay_url",
 ]
@@ -76,12 +77,6 @@ def failure() -> str:
     return FAILURE_BODY
 
 
-class MalformedNotification(ChannelError, ValueError):
-    """The message cannot be read at all: repeated keys, unknown charset, bad amount."""
-
-
-class ForeignNotification(ChannelError):
-    """Authentic, but addressed to another app or seller: never applied to our orders."""
 
 
 class AlipayApiError(ChannelError):
@@ -294,6 +289,9 @@ def parse_form(body: bytes, query: str | bytes | None = None) -> dict[str, str]:
     known, which is what lets a GBK notification verify. A repeated key is refused:
     a parser that kept the first or the last copy could be made to check one value
     and act on another.
+
+    ``query`` is the raw query string of a GET notification: best the ASGI
+    ``scope["query_string"]`` bytes; text is taken as latin-1-decoded bytes.
     """
     pairs = _form_pairs(_query_bytes(query)) + _form_pairs(body)
     seen: set[bytes] = set()

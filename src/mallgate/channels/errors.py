@@ -7,3 +7,11 @@ class ChannelError(Exception):
 
 class NotAuthentic(ChannelError):
     """A message failed verification: bad or missing signature, wrong key, stale timestamp."""
+
+
+class MalformedNotification(ChannelError, ValueError):
+    """The message cannot be read at all: not XML/form, DOCTYPE or entity, repeated keys, bad amount."""
+
+
+class ForeignNotification(ChannelError):
+    """Authentic, but addressed to another app, merchant or seller: never applied to our orders."""

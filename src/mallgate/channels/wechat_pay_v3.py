@@ -23,8 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from mallgate.channels.errors import ChannelError, NotAuthentic
-from mallgate.channels.wechat_pay_v2 import ForeignNotification, MalformedNotification
+from mallgate.channels.errors import ChannelError, ForeignNotification, MalformedNotification, NotAuthentic
 from mallgate.clock import BEIJING
 from mallgate.keys import load_private_key, load_public_key
 from mallgate.settings import WechatPaySettings
