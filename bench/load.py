@@ -74,24 +74,38 @@ async def python_load(
         began = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(connections)))
         elapsed = time.perf_counter() - began
-    return Result(label, len(latencies), elapsed, _percentile(latencies, 0.5), _percentile(latencies, 0.99), errors)
+    return Result(
+        label, len(latencies), elapsed, _percentile(latencies, 0.5), _percentile(latencies, 0.99), errors
+    )
 
 
 _WRK_DONE = """
 done = function(summary, latency, requests)
   io.write(string.format("MG %d %.3f %.3f %.3f %d\\n", summary.requests, summary.duration / 1e6,
     latency:percentile(50) / 1000, latency:percentile(99) / 1000,
-    summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
+    summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write
+      + summary.errors.timeout))
 end
 """
 
 
-def wrk_load(base: str, lua_request: str, connections: int, seconds: float, label: str, threads: int = 2) -> Result:
+def wrk_load(
+    base: str, lua_request: str, connections: int, seconds: float, label: str, threads: int = 2
+) -> Result:
     """Run wrk with a Lua `request` function (or none for a plain GET of the path in `base`)."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(lua_request + _WRK_DONE)
     out = subprocess.run(
-        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{int(seconds)}s", "--latency", "-s", script.name, base],
+        [
+            "wrk",
+            f"-t{threads}",
+            f"-c{connections}",
+            f"-d{int(seconds)}s",
+            "--latency",
+            "-s",
+            script.name,
+            base,
+        ],
         check=True,
         capture_output=True,
         text=True,
@@ -109,18 +123,27 @@ def lua_for(method: str, path: str, headers: dict[str, str], body: bytes) -> str
     return (
         f"local body = [==[{body.decode()}]==]\n"
         f'request = function() return wrk.format("{method}", "{path}", {{{hdrs}}}, '
-        f'{"body" if body else "nil"}) end\n'
+        f"{'body' if body else 'nil'}) end\n"
     )
 
 
 def measure(
-    base: str, method: str, path: str, headers: dict[str, str], body: bytes, connections: int, seconds: float,
-    use_wrk: bool, label: str | None = None,
+    base: str,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    body: bytes,
+    connections: int,
+    seconds: float,
+    use_wrk: bool,
+    label: str | None = None,
 ) -> Result:
     label = label or f"{method} {path}"
     if use_wrk:
         return wrk_load(base, lua_for(method, path, headers, body), connections, seconds, label)
-    return asyncio.run(python_load(base, lambda _n: (method, path, headers, body), connections, seconds, label))
+    return asyncio.run(
+        python_load(base, lambda _n: (method, path, headers, body), connections, seconds, label)
+    )
 
 
 def report(results: list[Result], floor: Result, tool: str, connections: int) -> None:
@@ -132,7 +155,9 @@ def report(results: list[Result], floor: Result, tool: str, connections: int) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--path", action="append", default=[], help="route to measure (repeatable)")
     parser.add_argument("--method", default="GET")

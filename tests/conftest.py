@@ -26,6 +26,7 @@ from sqlalchemy.engine import make_url
 from mallgate.app import create_app
 from mallgate.clock import Clock
 from mallgate.db.migrate import upgrade
+from mallgate.db.servers import create_database, drop_database
 from mallgate.settings import Settings
 from support import ADMIN_TOKEN
 
@@ -76,58 +77,12 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_line(f"NOT TESTED ON: {', '.join(sorted(missing))}", red=True, bold=True)
 
 
-async def _mysql_execute(parsed: Any, statement: str) -> None:
-    import asyncmy
-
-    conn = await asyncmy.connect(
-        host=parsed.host, port=parsed.port or 3306, user=parsed.username, password=parsed.password or ""
-    )
-    try:
-        async with conn.cursor() as cur:
-            await cur.execute(statement)
-    finally:
-        conn.close()
-
-
 async def _create_database(kind: str, server_url: str, name: str) -> str:
-    parsed = make_url(server_url)
-    if kind == "postgresql":
-        import asyncpg
-
-        conn = await asyncpg.connect(
-            host=parsed.host,
-            port=parsed.port,
-            user=parsed.username,
-            password=parsed.password,
-            database=parsed.database,
-        )
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
-    else:
-        await _mysql_execute(parsed, f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
-    return parsed.set(database=name).render_as_string(hide_password=False)
+    return await create_database(server_url, name)
 
 
 async def _drop_database(kind: str, server_url: str, name: str) -> None:
-    parsed = make_url(server_url)
-    if kind == "postgresql":
-        import asyncpg
-
-        conn = await asyncpg.connect(
-            host=parsed.host,
-            port=parsed.port,
-            user=parsed.username,
-            password=parsed.password,
-            database=parsed.database,
-        )
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
-    else:
-        await _mysql_execute(parsed, f"DROP DATABASE IF EXISTS `{name}`")
+    await drop_database(server_url, name)
 
 
 @dataclass
