@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 from fastapi import Request
@@ -22,6 +23,8 @@ class Runtime:
     http: httpx.AsyncClient
     clock: Clock = field(default_factory=lambda: default_clock)
     sandbox_url: str | None = None
+    # Per-process helpers that services create lazily (e.g. the notification group commit).
+    services: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def create(cls, settings: Settings, clock: Clock | None = None) -> Runtime:

@@ -13,9 +13,11 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from mallgate.channels.errors import ChannelError
 from mallgate.db.models import PaymentNotification
@@ -57,40 +59,114 @@ def _kept_headers(headers: dict[str, str]) -> str:
     return json.dumps({k: v for k, v in headers.items() if k.lower() in KEPT_HEADERS}, sort_keys=True)
 
 
+@dataclass
+class _Pending:
+    raw: RawNotification
+    event: PaymentEvent | None
+    refusal: str
+    received_at: datetime
+    done: asyncio.Future[Applied]
+
+
+class GroupCommit:
+    """Applies the notifications that arrive together in one transaction: one commit, one fsync.
+
+    A durable commit costs far more than the work inside it (about 0.3 ms of
+    fsync on SQLite), so one commit per notification caps a server near 3,000/s.
+    While one batch commits, the next requests queue; the following batch takes
+    them all. Each notification runs in its own savepoint, so one that fails
+    leaves the others intact, and no caller hears "accepted" before the commit.
+    """
+
+    MAX_BATCH = 128
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.queue: list[_Pending] = []
+        self.draining = False
+
+    async def submit(self, item: _Pending) -> Applied:
+        self.queue.append(item)
+        if not self.draining:
+            self.draining = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await item.done
+
+    async def _drain(self) -> None:
+        try:
+            while self.queue:
+                batch, self.queue = self.queue[: self.MAX_BATCH], self.queue[self.MAX_BATCH :]
+                results = await self._commit(batch)
+                for item, result in zip(batch, results, strict=True):
+                    if not item.done.done():
+                        item.done.set_result(result)
+        finally:
+            self.draining = False
+
+    async def _commit(self, batch: list[_Pending]) -> list[Applied]:
+        try:
+            # Connect timeouts bound a dead database; this bounds a wedged one, so the platform
+            # hears "failure" and retries instead of hanging on us.
+            async with asyncio.timeout(self.runtime.settings.db_timeout_seconds + 3):
+                async with self.runtime.db.transaction() as session:
+                    return [await _store_and_apply(session, item) for item in batch]
+        except (TimeoutError, SQLAlchemyError, OSError) as exc:
+            log.warning("%d notification(s) not stored: %s", len(batch), type(exc).__name__)
+            return [UNAVAILABLE] * len(batch)
+
+
+async def _store_and_apply(session: AsyncSession, item: _Pending) -> Applied:
+    raw, event, now = item.raw, item.event, item.received_at
+    try:
+        async with session.begin_nested():
+            row = PaymentNotification(
+                channel=raw.channel,
+                kind=event.action if event else "",
+                order_no=event.order_no if event else None,
+                trade_no=(event.trade_no or None) if event else None,
+                received_at=now,
+                source_ip=raw.source_ip[:64],
+                method=raw.method[:8],
+                query_string=raw.query_string,
+                headers=_kept_headers(raw.headers),
+                body=raw.body,
+                verified=event is not None,
+            )
+            session.add(row)
+            result = (
+                await apply_event(session, event, now) if event else Applied(False, "rejected", item.refusal)
+            )
+            row.outcome, row.reason = result.outcome, result.reason[:255]
+            await session.flush()
+            return result
+    except SQLAlchemyError as exc:
+        # Only this notification's savepoint is gone; the platform will send it again.
+        log.warning("%s notification failed to apply: %s", raw.channel, type(exc).__name__)
+        return UNAVAILABLE
+
+
+def _group_commit(runtime: Runtime) -> GroupCommit:
+    committer = runtime.services.get("notifications.group_commit")
+    if not isinstance(committer, GroupCommit):
+        committer = runtime.services["notifications.group_commit"] = GroupCommit(runtime)
+    return committer
+
+
 async def receive(runtime: Runtime, raw: RawNotification, decode: Decoder) -> Applied:
-    """Verify, store and apply one notification; never raises."""
+    """Verify, store and apply one notification; answers after the commit; never raises."""
     try:
         event: PaymentEvent | None = decode(raw)
         refusal = ""
     except ChannelError as exc:
         event, refusal = None, f"{type(exc).__name__}: {exc}"[:255]
-    now = runtime.clock.utcnow().replace(tzinfo=None)
-    try:
-        # Connect timeouts bound a dead database; this bounds a wedged one, so the platform
-        # hears "failure" and retries instead of hanging on us.
-        async with asyncio.timeout(runtime.settings.db_timeout_seconds + 3):
-            async with runtime.db.transaction() as session:
-                row = PaymentNotification(
-                    channel=raw.channel,
-                    kind=event.action if event else "",
-                    order_no=event.order_no if event else None,
-                    trade_no=(event.trade_no or None) if event else None,
-                    received_at=now,
-                    source_ip=raw.source_ip[:64],
-                    method=raw.method[:8],
-                    query_string=raw.query_string,
-                    headers=_kept_headers(raw.headers),
-                    body=raw.body,
-                    verified=event is not None,
-                )
-                session.add(row)
-                result = (
-                    await apply_event(session, event, now) if event else Applied(False, "rejected", refusal)
-                )
-                row.outcome, row.reason = result.outcome, result.reason[:255]
-    except (TimeoutError, SQLAlchemyError, OSError) as exc:
-        log.warning("%s notification not stored: %s", raw.channel, type(exc).__name__)
-        return UNAVAILABLE
+    pending = _Pending(
+        raw,
+        event,
+        refusal,
+        runtime.clock.utcnow().replace(tzinfo=None),
+        asyncio.get_running_loop().create_future(),
+    )
+    result = await _group_commit(runtime).submit(pending)
     if not result.accepted:
         log.warning("%s notification refused: %s %s", raw.channel, result.outcome, result.reason)
     return result
