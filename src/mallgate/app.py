@@ -13,7 +13,7 @@ from fastapi.responses import Response
 from mallgate.clock import Clock
 from mallgate.envelope import install_handlers
 from mallgate.middleware import BareOptions, BodyLimit, BodyTooLarge, Metrics, too_large_body
-from mallgate.routes import account, admin, health
+from mallgate.routes import account, admin, health, payments
 from mallgate.runtime import Runtime
 from mallgate.sandbox.app import MOUNT, create_sandbox_app, sandbox_settings
 from mallgate.settings import Settings
@@ -28,6 +28,7 @@ def api_router() -> APIRouter:
     """Every route of the API document, under the base path."""
     router = APIRouter()
     router.include_router(account.router)
+    router.include_router(payments.router)
     return router
 
 

@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import os
+import re
 import shutil
 import sys
-from typing import Annotated
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Annotated, TypeVar
 
 import typer
 import uvicorn
 from pydantic import ValidationError
 
 from mallgate.db.migrate import upgrade as migrate_upgrade
+from mallgate.runtime import Runtime
 from mallgate.settings import Settings
 
 app = typer.Typer(add_completion=False, help="mallgate: the third-party gateway of an online mall")
 db_app = typer.Typer(help="database")
 app.add_typer(db_app, name="db")
+notifications_app = typer.Typer(help="stored payment notifications: list, show, replay")
+app.add_typer(notifications_app, name="notifications")
+T = TypeVar("T")
 log = logging.getLogger("mallgate")
 
 
@@ -112,6 +121,111 @@ def sandbox_cmd(
     outer.mount(MOUNT, create_sandbox_app(settings.var_dir / "sandbox", service_url=service_url))
     log.info("mallgate sandbox on http://%s:%d%s/ (service %s)", host, port, MOUNT, service_url)
     uvicorn.run(outer, host=host, port=port, log_level="warning")
+
+
+def _runtime(settings: Settings) -> Runtime:
+    """The runtime the service would have: with the sandbox on, the parties are its stand-ins."""
+    if settings.sandbox_enabled:
+        from mallgate.sandbox.app import MOUNT, sandbox_settings
+        from mallgate.sandbox.keys import SandboxKeys
+
+        keys = SandboxKeys.load_or_create(settings.var_dir / "sandbox")
+        settings = sandbox_settings(settings, settings.public_url.rstrip("/") + MOUNT, keys)
+    return Runtime.create(settings)
+
+
+def _run(work: Callable[[Runtime], Awaitable[T]]) -> T:
+    settings = load_settings()
+
+    async def run() -> T:
+        runtime = _runtime(settings)
+        try:
+            return await work(runtime)
+        finally:
+            await runtime.close()
+
+    return asyncio.run(run())
+
+
+_DURATION = re.compile(r"(\d+)\s*([smhd]?)")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "": "minutes"}
+
+
+def parse_duration(text: str) -> timedelta:
+    """`90s`, `10m`, `2h`, `1d`; a bare number is minutes."""
+    match = _DURATION.fullmatch(text.strip().lower())
+    if not match:
+        raise typer.BadParameter("use a number with s, m, h or d, e.g. 10m")
+    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+
+
+@notifications_app.command("list")
+def notifications_list(
+    order_no: Annotated[str, typer.Option("--order-no", help="only this order's notices")] = "",
+    limit: Annotated[int, typer.Option(min=1, max=10000, help="at most this many, newest first")] = 50,
+) -> None:
+    """The newest stored payment notifications."""
+    from mallgate.services.payment_decoders import stored_notifications
+
+    rows = _run(lambda rt: stored_notifications(rt, order_no=order_no, limit=limit))
+    for row in rows:
+        typer.echo(
+            f"#{row['id']}  {row['received_at']}  {row['channel']:<6}  {row['method']:<5}  "
+            f"{row['order_no'] or '-'}  {'verified' if row['verified'] else 'UNVERIFIED'}  "
+            f"{row['outcome'] or '-'}  {row['reason'] or ''}".rstrip()
+        )
+    if not rows:
+        typer.echo("no notifications")
+
+
+@notifications_app.command("show")
+def notifications_show(notification_id: Annotated[int, typer.Argument(help="the notice's id")]) -> None:
+    """One stored notification with its headers and body."""
+    from mallgate.services.payment_decoders import stored_notification
+
+    row = _run(lambda rt: stored_notification(rt, notification_id))
+    if row is None:
+        typer.echo(f"no notification #{notification_id}", err=True)
+        raise typer.Exit(1)
+    body: bytes = row.pop("body")
+    headers = row.pop("headers")
+    for key, value in row.items():
+        typer.echo(f"{key}: {'' if value is None else value}")
+    typer.echo("headers: " + json.dumps(headers, ensure_ascii=False, sort_keys=True))
+    typer.echo(f"body ({len(body)} bytes):")
+    typer.echo(body.decode("utf-8", "replace"))
+
+
+@notifications_app.command("replay")
+def notifications_replay(notification_id: Annotated[int, typer.Argument(help="the notice's id")]) -> None:
+    """Verify a stored notification again and apply it; safe to run twice."""
+    from mallgate.services.payment_decoders import replay
+
+    result = _run(lambda rt: replay(rt, notification_id))
+    if result is None:
+        typer.echo(f"no notification #{notification_id}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"#{notification_id}: {result.outcome}" + (f" ({result.reason})" if result.reason else ""))
+    if not result.accepted:
+        raise typer.Exit(1)
+
+
+@app.command()
+def reconcile(
+    older_than: Annotated[str, typer.Option(help="ask about unpaid orders older than this")] = "10m",
+    max_age: Annotated[str, typer.Option(help="and younger than this")] = "2d",
+    limit: Annotated[int, typer.Option(min=1, max=100000, help="at most this many orders")] = 500,
+) -> None:
+    """Ask Alipay / WeChat Pay about unpaid orders and apply what they report."""
+    from mallgate.services import reconcile as service
+
+    young, old = parse_duration(older_than), parse_duration(max_age)
+    outcomes = _run(lambda rt: service.reconcile(rt, older_than=young, max_age=old, limit=limit))
+    for outcome in outcomes:
+        typer.echo(outcome.line())
+    typer.echo(f"{len({o.order_no for o in outcomes})} orders checked")
+    if any(o.error for o in outcomes):
+        raise typer.Exit(1)
 
 
 def main() -> None:

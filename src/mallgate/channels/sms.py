@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import uuid
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import httpx
 
 from mallgate.channels.errors import ChannelError
+from mallgate.mobile import mask_mobile, parse_mobile
 from mallgate.settings import AliyunSmsSettings, SmsSettings
 
 logger = logging.getLogger("mallgate.sms")
@@ -33,10 +33,6 @@ SANDBOX_ALIYUN = AliyunSmsSettings(
     endpoint="",
 )
 
-# Loose rule on purpose: new number segments appear every few years, and the
-# provider has the last word (isv.MOBILE_NUMBER_ILLEGAL / IncorrectPhoneNumber).
-_MAINLAND_MOBILE = re.compile(r"(?:\+86|0086|86)?(1[3-9]\d{9})")
-_SEPARATORS = re.compile(r"[\s\-]")
 
 
 class SmsSendError(ChannelError):
@@ -60,17 +56,10 @@ class SmsProvider(Protocol):
 
 def normalize_mobile(mobile: str) -> str:
     """The bare 11 digits of a mainland mobile number, or SmsSendError("sms.bad_number")."""
-    match = _MAINLAND_MOBILE.fullmatch(_SEPARATORS.sub("", mobile))
-    if match is None:
+    number = parse_mobile(mobile)
+    if number is None:
         raise SmsSendError("sms.bad_number", "", "not a mainland China mobile number")
-    return match.group(1)
-
-
-def mask_mobile(mobile: str) -> str:
-    """138****0000: enough to tell numbers apart in a log, not enough to reuse."""
-    if len(mobile) < 7:
-        return "*" * len(mobile)
-    return f"{mobile[:3]}****{mobile[-4:]}"
+    return number
 
 
 class ConsoleProvider:

@@ -1,0 +1,394 @@
+"""The Alipay stand-in: ``gateway.do`` (trade.query, the wap cashier) and its notifications.
+
+Requests are checked with the merchant's public key exactly as Alipay checks them,
+answers and notifications are signed with the sandbox's "Alipay" key, all through
+:mod:`mallgate.channels.alipay`, so the service's code meets the same bytes as in
+production.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Callable
+from decimal import Decimal
+from html import escape
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from mallgate.channels.alipay import parse_form, sign_notification, sign_response, verify_request
+from mallgate.channels.errors import MalformedNotification, NotAuthentic
+from mallgate.clock import Clock, default_clock
+from mallgate.keys import load_private_key
+from mallgate.sandbox.app import ALIPAY_APP_ID, ALIPAY_SELLER_ID
+from mallgate.sandbox.notifier import Notifier, Outgoing
+from mallgate.sandbox.pages import definition, deliveries_table, page
+from mallgate.sandbox.trades import (
+    Outcome,
+    SandboxError,
+    Trade,
+    TradeBook,
+    alipay_trade_no,
+    digits,
+    parse_yuan,
+    yuan,
+)
+
+if TYPE_CHECKING:
+    from mallgate.sandbox.app import SandboxState
+
+SIGN_TYPE: Final = "RSA2"
+_JSON: Final = "application/json;charset=utf-8"
+_FORM: Final = "application/x-www-form-urlencoded; charset=utf-8"
+_METHODS: Final = frozenset({"alipay.trade.query", "alipay.trade.wap.pay"})
+_BUYER_LOGON_ID: Final = "159****5620"
+_BODY_LIMIT: Final = 64 * 1024
+
+
+class GatewayError(Exception):
+    """A refusal before the method runs; Alipay sends these unsigned."""
+
+    def __init__(self, code: str, msg: str, sub_code: str, sub_msg: str) -> None:
+        super().__init__(f"{code} {sub_code}")
+        self.payload = {"code": code, "msg": msg, "sub_code": sub_code, "sub_msg": sub_msg}
+
+
+def _biz_content(params: dict[str, str]) -> dict[str, Any]:
+    try:
+        biz = json.loads(params.get("biz_content") or "{}")
+    except ValueError:
+        biz = None
+    if not isinstance(biz, dict):
+        raise GatewayError("40002", "Invalid Arguments", "isv.invalid-parameter", "biz_content 不是 JSON 对象")
+    return biz
+
+
+class AlipayStandIn:
+    def __init__(self, state: SandboxState, book: TradeBook, notifier: Notifier, clock: Clock = default_clock):
+        self._state = state
+        self._book = book
+        self._notifier = notifier
+        self._clock = clock
+        self._merchant_public = load_private_key(state.keys.alipay_merchant_private).public_key()
+        self._platform_private = load_private_key(state.keys.alipay_platform_private)
+        self.router = self._routes()
+
+    @property
+    def default_notify_url(self) -> str:
+        return f"{self._state.service_url}/pay/notify"
+
+    def _now_text(self) -> str:
+        return self._clock.beijing().strftime("%Y-%m-%d %H:%M:%S")
+
+    # ------------------------------------------------------------------------------------------
+    # gateway.do
+
+    def _checked_params(self, body: bytes, query: bytes) -> dict[str, str]:
+        """The request's parameters once app, method and signature have passed, in Alipay's order."""
+        if len(body) > _BODY_LIMIT:
+            raise GatewayError("40002", "Invalid Arguments", "isv.invalid-parameter", "请求过大")
+        try:
+            params = parse_form(body, query)
+        except MalformedNotification as exc:
+            raise GatewayError("40002", "Invalid Arguments", "isv.invalid-parameter", str(exc)) from None
+        if not params.get("app_id"):
+            raise GatewayError("40001", "Missing Required Arguments", "isv.missing-app-id", "缺少AppID参数")
+        if params["app_id"] != ALIPAY_APP_ID:
+            raise GatewayError("40002", "Invalid Arguments", "isv.invalid-app-id", "无效的AppID参数")
+        if params.get("method", "") not in _METHODS:
+            raise GatewayError("40002", "Invalid Arguments", "isv.invalid-method", "不存在的方法名")
+        if not params.get("sign"):
+            raise GatewayError("40001", "Missing Required Arguments", "isv.missing-signature", "缺少签名参数")
+        try:
+            verify_request(params, self._merchant_public, SIGN_TYPE)
+        except NotAuthentic:
+            raise GatewayError(
+                "40002",
+                "Invalid Arguments",
+                "isv.invalid-signature",
+                "验签出错，建议检查签名字符串或签名私钥与应用公钥是否匹配",
+            ) from None
+        return params
+
+    def _routes(self) -> APIRouter:
+        router = APIRouter()
+
+        @router.api_route("/alipay/gateway.do", methods=["GET", "POST"], name="alipay_gateway")
+        async def gateway(request: Request) -> Response:
+            body = await request.body()
+            query: bytes = request.scope.get("query_string", b"")
+            method = ""
+            try:
+                # The method is read early only to name the error's key; nothing else is trusted yet.
+                method = parse_form(b"", query).get("method", "") or parse_form(body).get("method", "")
+            except MalformedNotification:
+                pass
+            try:
+                params = self._checked_params(body, query)
+                if params["method"] == "alipay.trade.wap.pay":
+                    return self._cashier(params)
+                return self._trade_query(params)
+            except GatewayError as exc:
+                if method == "alipay.trade.wap.pay":
+                    return page("支付宝 · 错误", definition(exc.payload.items()), status_code=400)
+                key = method.replace(".", "_") + "_response" if method in _METHODS else "error_response"
+                text = json.dumps({key: exc.payload}, ensure_ascii=False, separators=(",", ":"))
+                return Response(text, media_type=_JSON)
+
+        @router.post("/alipay/cashier/pay", name="alipay_cashier_pay")
+        async def cashier_pay(request: Request) -> Response:
+            form = await request.form()
+            order_no = str(form.get("out_trade_no", ""))
+            try:
+                outcome = await self.settle(order_no=order_no, kind="pay")
+            except SandboxError as exc:
+                return page("支付宝 · 错误", f"<p>{escape(str(exc))}</p>", status_code=400)
+            back = ""
+            if outcome.trade.return_url:
+                back = f'<p><a href="{escape(self.return_link(outcome.trade))}">返回商家 (return to the shop)</a></p>'
+            return page(
+                "支付宝 · 支付成功",
+                definition(
+                    [
+                        ("out_trade_no", outcome.trade.out_trade_no),
+                        ("trade_no", outcome.trade.trade_no),
+                        ("total_amount", yuan(outcome.trade.amount)),
+                    ]
+                )
+                + back
+                + "<h2>Notification</h2>"
+                + deliveries_table(outcome.deliveries),
+            )
+
+        return router
+
+    def _trade_query(self, params: dict[str, str]) -> Response:
+        biz = _biz_content(params)
+        trade_no, out_trade_no = str(biz.get("trade_no") or ""), str(biz.get("out_trade_no") or "")
+        payload: dict[str, Any]
+        if not (trade_no or out_trade_no):
+            payload = {
+                "code": "40004",
+                "msg": "Business Failed",
+                "sub_code": "ACQ.INVALID_PARAMETER",
+                "sub_msg": "参数无效",
+            }
+        else:
+            # trade_no wins when both are given, as at Alipay.
+            trade = self._book.by_trade_no("alipay", trade_no) if trade_no else self._book.get("alipay", out_trade_no)
+            # A cashier opened but never paid creates no trade at Alipay either.
+            if trade is None or (trade.status == "pending"):
+                payload = {
+                    "code": "40004",
+                    "msg": "Business Failed",
+                    "sub_code": "ACQ.TRADE_NOT_EXIST",
+                    "sub_msg": "交易不存在",
+                    "buyer_pay_amount": "0.00",
+                    "invoice_amount": "0.00",
+                    "out_trade_no": out_trade_no,
+                    "point_amount": "0.00",
+                    "receipt_amount": "0.00",
+                }
+            else:
+                payload = self._query_payload(trade)
+        return Response(
+            sign_response("alipay.trade.query", payload, self._platform_private, SIGN_TYPE), media_type=_JSON
+        )
+
+    def _query_payload(self, trade: Trade) -> dict[str, Any]:
+        paid = trade.status == "paid"
+        status = "TRADE_SUCCESS" if paid and not trade.fully_refunded else "TRADE_CLOSED"
+        amount = yuan(trade.amount) if paid else "0.00"
+        payload: dict[str, Any] = {
+            "code": "10000",
+            "msg": "Success",
+            "buyer_logon_id": _BUYER_LOGON_ID,
+            "buyer_pay_amount": amount,
+            "buyer_user_id": trade.buyer_id,
+            "invoice_amount": amount,
+            "out_trade_no": trade.out_trade_no,
+            "point_amount": "0.00",
+            "receipt_amount": amount,
+            "total_amount": yuan(trade.amount),
+            "trade_no": trade.trade_no,
+            "trade_status": status,
+        }
+        if paid and trade.paid_at is not None:
+            payload["send_pay_date"] = trade.paid_at.strftime("%Y-%m-%d %H:%M:%S")
+            payload["fund_bill_list"] = [{"amount": yuan(trade.amount), "fund_channel": "ALIPAYACCOUNT"}]
+        return payload
+
+    def _cashier(self, params: dict[str, str]) -> Response:
+        biz = _biz_content(params)
+        out_trade_no = str(biz.get("out_trade_no") or "")
+        try:
+            amount = parse_yuan(str(biz.get("total_amount") or ""), "total_amount")
+        except SandboxError as exc:
+            return page("支付宝 · 错误", f"<p>{escape(str(exc))}</p>", status_code=400)
+        if not out_trade_no:
+            return page("支付宝 · 错误", "<p>缺少 out_trade_no</p>", status_code=400)
+        trade = self._book.get("alipay", out_trade_no)
+        if trade is not None and trade.status != "pending":
+            state = "已支付 (already paid)" if trade.status == "paid" else "已关闭 (closed)"
+            return page("支付宝 · 收银台", f"<p>订单 {escape(out_trade_no)} {state}</p>")
+        trade = self._book.put(
+            Trade(
+                channel="alipay",
+                out_trade_no=out_trade_no,
+                amount=amount,
+                subject=str(biz.get("subject") or ""),
+                notify_url=params.get("notify_url", ""),
+                return_url=params.get("return_url", ""),
+                created_at=self._clock.beijing(),
+            )
+        )
+        return page(
+            "支付宝 · 收银台 (sandbox cashier)",
+            definition([("商品 subject", trade.subject), ("订单号 out_trade_no", out_trade_no)])
+            + f"<p style='font-size:2em'>¥ {escape(yuan(amount))}</p>"
+            # Relative to gateway.do, so the form works wherever the sandbox is mounted.
+            + "<form method=post action='cashier/pay'>"
+            f"<input type=hidden name=out_trade_no value='{escape(out_trade_no, quote=True)}'>"
+            "<button>确认付款 (pay)</button></form>",
+        )
+
+    def return_link(self, trade: Trade) -> str:
+        """The signed GET a browser is sent back with after a wap payment (V1 rule, no trade_status)."""
+        params = {
+            "charset": "utf-8",
+            "out_trade_no": trade.out_trade_no,
+            "method": "alipay.trade.wap.pay.return",
+            "total_amount": yuan(trade.amount),
+            "trade_no": trade.trade_no,
+            "auth_app_id": ALIPAY_APP_ID,
+            "version": "1.0",
+            "app_id": ALIPAY_APP_ID,
+            "seller_id": ALIPAY_SELLER_ID,
+            "timestamp": self._now_text(),
+        }
+        signed = sign_notification(params, self._platform_private, SIGN_TYPE)
+        separator = "&" if "?" in trade.return_url else "?"
+        return trade.return_url + separator + urlencode(signed)
+
+    # ------------------------------------------------------------------------------------------
+    # pay, refund, close: record the change and notify
+
+    async def settle(
+        self,
+        *,
+        order_no: str,
+        kind: str,
+        amount: Decimal | None = None,
+        refund_amount: Decimal | None = None,
+        duplicates: int = 0,
+        notify_url: str | None = None,
+    ) -> Outcome:
+        if not order_no:
+            raise SandboxError("order_no is required")
+        trade = self._book.get("alipay", order_no)
+        now = self._clock.beijing()
+        if trade is None:
+            if amount is None:
+                raise SandboxError(f"the Alipay stand-in does not know {order_no}: give its amount")
+            trade = self._book.put(Trade("alipay", order_no, amount, created_at=now))
+        fields = self._trade_fields(trade)
+        refund = None
+        # Each branch changes the trade before any await, so concurrent calls see a consistent record.
+        if kind == "pay":
+            if trade.status == "closed":
+                raise SandboxError(f"{order_no} is closed")
+            if trade.status == "pending":
+                if amount is not None:
+                    trade.amount = amount
+                trade.status, trade.paid_at = "paid", now
+                trade.trade_no = alipay_trade_no(now)
+                trade.buyer_id = "2088" + digits(12)
+                trade.notify_id = secrets.token_hex(16)
+            # Paying a paid trade again re-sends its notice unchanged: a late duplicate.
+            fields = self._trade_fields(trade) | self._paid_fields(trade)
+        elif kind == "refund":
+            if trade.status != "paid":
+                raise SandboxError(f"{order_no} is not paid, nothing to refund")
+            remaining = trade.amount - trade.refunded
+            refund = remaining if refund_amount is None else refund_amount
+            if remaining <= 0:
+                raise SandboxError(f"{order_no} is already fully refunded")
+            if refund > remaining:
+                raise SandboxError(f"refund {yuan(refund)} exceeds the refundable {yuan(remaining)}")
+            trade.refunded += refund
+            trade.refund_count += 1
+            trade.notify_id = secrets.token_hex(16)
+            fields = self._trade_fields(trade) | self._paid_fields(trade)
+            fields |= {
+                "out_biz_no": f"{order_no}R{trade.refund_count}",
+                "refund_fee": yuan(trade.refunded),  # cumulative, as Alipay sends it
+                "gmt_refund": now.strftime("%Y-%m-%d %H:%M:%S.") + f"{now.microsecond // 1000:03d}",
+            }
+            if trade.fully_refunded:
+                fields |= {"trade_status": "TRADE_CLOSED", "gmt_close": now.strftime("%Y-%m-%d %H:%M:%S")}
+        elif kind == "close":
+            if trade.status == "paid":
+                raise SandboxError(f"{order_no} is paid: refund it instead")
+            if amount is not None and trade.status == "pending":
+                trade.amount = amount
+            trade.status, trade.closed_at = "closed", now
+            if not trade.trade_no:
+                trade.trade_no = alipay_trade_no(now)
+                trade.notify_id = secrets.token_hex(16)
+            fields = self._trade_fields(trade) | {
+                "trade_status": "TRADE_CLOSED",
+                "gmt_close": (trade.closed_at or now).strftime("%Y-%m-%d %H:%M:%S"),
+            }
+        else:
+            raise SandboxError(f"unknown kind {kind!r}")
+        url = notify_url or trade.notify_url or self.default_notify_url
+        deliveries = await self._notifier.deliver(
+            "alipay", url, self._builder(fields), order_no=order_no, kind=kind, duplicates=duplicates
+        )
+        return Outcome(kind, trade, url, deliveries, refund_amount=refund)
+
+    def _trade_fields(self, trade: Trade) -> dict[str, str]:
+        created = trade.created_at or self._clock.beijing()
+        return {
+            "notify_type": "trade_status_sync",
+            "notify_id": trade.notify_id or secrets.token_hex(16),
+            "app_id": ALIPAY_APP_ID,
+            "auth_app_id": ALIPAY_APP_ID,
+            "charset": "utf-8",
+            "version": "1.0",
+            "trade_no": trade.trade_no,
+            "out_trade_no": trade.out_trade_no,
+            "buyer_id": trade.buyer_id,
+            "buyer_logon_id": _BUYER_LOGON_ID if trade.buyer_id else "",
+            "seller_id": ALIPAY_SELLER_ID,
+            "total_amount": yuan(trade.amount),
+            "subject": trade.subject,
+            "gmt_create": created.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+
+    def _paid_fields(self, trade: Trade) -> dict[str, str]:
+        amount = yuan(trade.amount)
+        paid_at = trade.paid_at or self._clock.beijing()
+        return {
+            "trade_status": "TRADE_SUCCESS",
+            "receipt_amount": amount,
+            "invoice_amount": amount,
+            "buyer_pay_amount": amount,
+            "point_amount": "0.00",
+            "gmt_payment": paid_at.strftime("%Y-%m-%d %H:%M:%S"),
+            # camelCase fundChannel in notices (the query API says fund_channel): Alipay's own quirk.
+            "fund_bill_list": json.dumps([{"amount": amount, "fundChannel": "ALIPAYACCOUNT"}], separators=(",", ":")),
+        }
+
+    def _builder(self, fields: dict[str, str]) -> Callable[[], Outgoing]:
+        fixed = {k: v for k, v in fields.items() if v != ""}
+
+        def build() -> Outgoing:
+            # notify_time is the time of this delivery, so every re-send is signed afresh.
+            signed = sign_notification({**fixed, "notify_time": self._now_text()}, self._platform_private, SIGN_TYPE)
+            return Outgoing({"Content-Type": _FORM}, urlencode(signed).encode("ascii"))
+
+        return build

@@ -1,0 +1,148 @@
+"""The payment stand-ins' own record of trades, and the money and id formats they share.
+
+The record lives in memory: it is what the platform knows, so ``trade.query`` and
+``orderquery`` answer from it, never from the service's database.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Final, Literal
+
+from mallgate.sandbox.notifier import Delivery
+
+Channel = Literal["alipay", "wechat"]
+TradeStatus = Literal["pending", "paid", "closed"]
+
+# [0-9], not \d: \d also matches other scripts' digits, which Decimal accepts.
+_YUAN: Final = re.compile(r"[0-9]{1,10}(\.[0-9]{1,2})?")
+CENT: Final = Decimal("0.01")
+
+
+class SandboxError(ValueError):
+    """A request the stand-in refuses; the message is shown to the person or test that sent it."""
+
+
+def parse_yuan(text: str, name: str = "amount") -> Decimal:
+    """A positive amount in yuan with at most two decimals, from its decimal text (never a float)."""
+    value = text.strip()
+    if not _YUAN.fullmatch(value):
+        raise SandboxError(f"{name} must be yuan as a decimal string with at most two decimals, e.g. 9.90")
+    amount = Decimal(value).quantize(CENT)
+    if amount <= 0:
+        raise SandboxError(f"{name} must be positive")
+    return amount
+
+
+def fen(amount: Decimal) -> int:
+    """Yuan to fen, exactly: the amount already has at most two decimals."""
+    return int((amount * 100).to_integral_exact())
+
+
+def yuan(amount: Decimal) -> str:
+    return f"{amount.quantize(CENT):.2f}"
+
+
+def digits(n: int) -> str:
+    return "".join(secrets.choice("0123456789") for _ in range(n))
+
+
+def alipay_trade_no(now: datetime) -> str:
+    """28 digits, date first, as Alipay's trade numbers are."""
+    return now.strftime("%Y%m%d") + digits(20)
+
+
+def wechat_transaction_id() -> str:
+    return "4200" + digits(24)
+
+
+@dataclass
+class Trade:
+    channel: Channel
+    out_trade_no: str
+    amount: Decimal
+    subject: str = ""
+    status: TradeStatus = "pending"
+    trade_no: str = ""  # Alipay trade_no or WeChat transaction_id, given on payment
+    buyer_id: str = ""  # Alipay buyer id or WeChat openid
+    notify_url: str = ""
+    return_url: str = ""
+    appid: str = ""
+    trade_type: str = ""
+    prepay_id: str = ""
+    refunded: Decimal = Decimal("0.00")
+    refund_count: int = 0
+    created_at: datetime | None = None
+    paid_at: datetime | None = None
+    closed_at: datetime | None = None
+    notify_id: str = ""  # Alipay keeps one id per state change across re-sends
+    events: list[str] = field(default_factory=list)
+
+    @property
+    def fully_refunded(self) -> bool:
+        return self.refunded >= self.amount
+
+
+class TradeBook:
+    """Trades by channel and merchant order number, oldest forgotten first past ``limit``."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self._limit = limit
+        self._trades: OrderedDict[tuple[Channel, str], Trade] = OrderedDict()
+
+    def get(self, channel: Channel, out_trade_no: str) -> Trade | None:
+        return self._trades.get((channel, out_trade_no))
+
+    def by_trade_no(self, channel: Channel, trade_no: str) -> Trade | None:
+        if not trade_no:
+            return None
+        return next(
+            (t for (c, _), t in self._trades.items() if c == channel and t.trade_no == trade_no), None
+        )
+
+    def by_prepay_id(self, prepay_id: str) -> Trade | None:
+        if not prepay_id:
+            return None
+        return next((t for t in self._trades.values() if t.prepay_id == prepay_id), None)
+
+    def put(self, trade: Trade) -> Trade:
+        key = (trade.channel, trade.out_trade_no)
+        self._trades[key] = trade
+        self._trades.move_to_end(key)
+        while len(self._trades) > self._limit:
+            self._trades.popitem(last=False)
+        return trade
+
+
+@dataclass
+class Outcome:
+    """What one "pay / refund / close" did: the trade as the platform now sees it and the sends."""
+
+    kind: str
+    trade: Trade
+    notify_url: str
+    deliveries: list[Delivery]
+    refund_amount: Decimal | None = None
+    note: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        trade = self.trade
+        return {
+            "channel": trade.channel,
+            "kind": self.kind,
+            "order_no": trade.out_trade_no,
+            "amount": yuan(trade.amount),
+            "trade_no": trade.trade_no,
+            "trade_status": trade.status,
+            "refunded": yuan(trade.refunded),
+            "refund_amount": yuan(self.refund_amount) if self.refund_amount is not None else None,
+            "notify_url": self.notify_url,
+            "note": self.note,
+            "delivered": any(d.delivered for d in self.deliveries),
+            "deliveries": [d.as_json() for d in self.deliveries],
+        }

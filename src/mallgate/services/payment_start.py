@@ -1,0 +1,135 @@
+"""Starting a payment (order/payment): what a client needs to open Alipay's or WeChat Pay's cashier.
+
+Nothing here changes an order: only a verified notification or a query answer
+does that (services.orders). A client may ask again for the same order, e.g. to
+switch channel; whichever payment arrives first wins, a second one is flagged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from mallgate.channels import alipay, wechat_pay
+from mallgate.channels.errors import ChannelError
+from mallgate.db.models import Order, User
+from mallgate.envelope import ApiError
+from mallgate.runtime import Runtime
+from mallgate.services import accounts, orders
+from mallgate.services.payment_decoders import ALIPAY, WECHAT, yuan_to_fen
+
+log = logging.getLogger("mallgate.pay")
+
+TRADE_TYPES = ("JSAPI", "MINI", "APP", "H5")
+# What WeChat Pay v2 calls each client kind; the Mini Program pays through JSAPI too.
+WECHAT_TRADE_TYPES: dict[str, wechat_pay.TradeType] = {
+    "JSAPI": "JSAPI",
+    "MINI": "JSAPI",
+    "APP": "APP",
+    "H5": "MWEB",
+}
+ALIPAY_TRADE_TYPES = ("APP", "H5")
+
+
+def notify_url(runtime: Runtime, channel: str) -> str:
+    settings = runtime.settings
+    path = "/pay/notify" if channel == ALIPAY else "/wechat/notify"
+    return settings.public_url.rstrip("/") + settings.base_path + path
+
+
+async def _payable_order(runtime: Runtime, user: User, order_no: str) -> Order:
+    async with runtime.db.read() as session:
+        order = await orders.find_order(session, order_no)
+    # Someone else's order answers like a missing one: order numbers must not be probeable.
+    if order is None or (order.user_id is not None and order.user_id != user.id):
+        raise ApiError("订单不存在", "order.not_found", field="order_no")
+    if order.status != "unpaid":
+        raise ApiError("订单已支付或已关闭，不能再支付", "order.not_payable", status=order.status)
+    return order
+
+
+async def _wechat_openid(runtime: Runtime, user: User) -> str:
+    app_id = runtime.settings.wechat_pay.app_id
+    async with runtime.db.read() as session:
+        identities = await accounts.identities_of(session, user.id)
+    for identity in identities:
+        if (
+            identity.get("provider") == "wechat"
+            and identity.get("app_id") == app_id
+            and identity.get("openid")
+        ):
+            return str(identity["openid"])
+    raise ApiError("请先使用微信登录，再使用微信支付", "pay.openid_missing")
+
+
+def _alipay(runtime: Runtime, order: Order, trade_type: str) -> dict[str, Any]:
+    settings = runtime.settings.alipay
+    if not (settings.configured and settings.private_key):
+        raise ApiError("支付宝支付未开通", "pay.channel_unavailable")
+    if trade_type not in ALIPAY_TRADE_TYPES:
+        raise ApiError("支付宝仅支持 APP 和 H5 支付", "pay.trade_type_unsupported", field="trade_type")
+    common: dict[str, Any] = {
+        "notify_url": notify_url(runtime, ALIPAY),
+        "out_trade_no": order.order_no,
+        "total_amount": order.amount,
+        "subject": order.subject or "商城订单",
+        "clock": runtime.clock,
+    }
+    if trade_type == "APP":
+        return {"order_string": alipay.app_order_string(settings, **common)}
+    return {"pay_url": alipay.wap_pay_url(settings, **common)}
+
+
+async def _wechat(runtime: Runtime, user: User, order: Order, trade_type: str, ip: str) -> dict[str, Any]:
+    settings = runtime.settings.wechat_pay
+    if not (settings.app_id and settings.mch_id and settings.api_key):
+        raise ApiError("微信支付未开通", "pay.channel_unavailable")
+    kind = WECHAT_TRADE_TYPES[trade_type]
+    openid = await _wechat_openid(runtime, user) if kind == "JSAPI" else None
+    scene_info = None
+    if kind == "MWEB":
+        # H5 payments must name the site they are made from.
+        scene_info = json.dumps(
+            {"h5_info": {"type": "Wap", "wap_url": runtime.settings.public_url, "wap_name": "商城"}},
+            ensure_ascii=False,
+        )
+    client = wechat_pay.WechatPayClient(settings, http=runtime.http, clock=runtime.clock)
+    prepay = await client.unified_order(
+        out_trade_no=order.order_no,
+        total_fee=yuan_to_fen(order.amount),
+        body=order.subject or "商城订单",
+        trade_type=kind,
+        notify_url=notify_url(runtime, WECHAT),
+        client_ip=ip or "127.0.0.1",
+        openid=openid,
+        scene_info=scene_info,
+    )
+    if kind == "JSAPI":
+        return wechat_pay.jsapi_params(settings.app_id, prepay.prepay_id, settings.api_key, runtime.clock)
+    if kind == "APP":
+        return wechat_pay.app_params(
+            settings.app_id, settings.mch_id, prepay.prepay_id, settings.api_key, runtime.clock
+        )
+    if not prepay.mweb_url:
+        raise ApiError("微信支付未返回支付链接，请稍后再试", "pay.channel_error")
+    return {"mweb_url": prepay.mweb_url}
+
+
+async def start_payment(
+    runtime: Runtime, user: User, *, order_no: str, channel: str, trade_type: str, client_ip: str
+) -> dict[str, Any]:
+    """The signed parameters the client hands to the payment SDK, or an ApiError to show."""
+    if channel not in (ALIPAY, WECHAT):
+        raise ApiError("channel 应为 alipay 或 wechat", "param.invalid", field="channel")
+    if trade_type not in TRADE_TYPES:
+        raise ApiError("trade_type 应为 JSAPI、MINI、APP 或 H5", "param.invalid", field="trade_type")
+    order = await _payable_order(runtime, user, order_no)
+    try:
+        if channel == ALIPAY:
+            return _alipay(runtime, order, trade_type)
+        return await _wechat(runtime, user, order, trade_type, client_ip)
+    except (ChannelError, ValueError) as exc:
+        # The platform's message may name our configuration: log it, show a plain sentence.
+        log.warning("payment start for %s via %s failed: %s", order.order_no, channel, exc)
+        raise ApiError("支付渠道暂时不可用，请稍后再试", "pay.channel_error") from None
