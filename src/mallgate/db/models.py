@@ -21,6 +21,7 @@ from sqlalchemy import (
     MetaData,
     Numeric,
     String,
+    Table,
     Text,
     UniqueConstraint,
 )
@@ -227,3 +228,10 @@ class OutboxEvent(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     sent_at: Mapped[datetime | None] = mapped_column(DateTime)
     last_error: Mapped[str] = mapped_column(String(255), default="")
+
+
+def table_of(model: type[Base]) -> Table:
+    """The Core table of a model, for the hot paths that skip the ORM."""
+    table = model.__table__
+    assert isinstance(table, Table)
+    return table

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import fcntl
+import os
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import event, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
+
+T = TypeVar("T")
 
 
 def engine_for(url: str, *, connect_timeout: float = 2.0, pool_size: int = 10) -> AsyncEngine:
@@ -39,8 +46,10 @@ def engine_for(url: str, *, connect_timeout: float = 2.0, pool_size: int = 10) -
     return engine
 
 
-def _tune_sqlite(engine: AsyncEngine) -> None:
-    @event.listens_for(engine.sync_engine, "connect")
+def _tune_sqlite(engine: AsyncEngine | Engine) -> None:
+    sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+
+    @event.listens_for(sync_engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Take transaction control from the driver so that BEGIN IMMEDIATE can be issued:
         # a deferred transaction that reads and then writes fails at once with SQLITE_BUSY
@@ -54,10 +63,37 @@ def _tune_sqlite(engine: AsyncEngine) -> None:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
         # Writers take the write lock up front and queue on busy_timeout; readers don't block anyone.
         conn.exec_driver_sql("BEGIN " + conn.get_execution_options().get(SQLITE_BEGIN, "IMMEDIATE"))
+
+
+class _SqliteWriteLock:
+    """Queues SQLite writers across worker processes with flock, which wakes a waiter at once.
+
+    SQLite's own busy handler sleeps in growing steps (up to 100 ms) while another
+    process holds the write lock, which turns two busy workers into long stalls.
+    Held only around synchronous work, so it never waits on the event loop.
+    """
+
+    def __init__(self, database: str) -> None:
+        self.path = f"{database}.writelock" if database and database != ":memory:" else ""
+        self.local = threading.Lock()
+        self.fd = -1
+
+    def __enter__(self) -> None:
+        self.local.acquire()
+        if self.path:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *_exc: object) -> None:
+        if self.fd >= 0:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = -1
+        self.local.release()
 
 
 SQLITE_BEGIN = "mallgate_sqlite_begin"
@@ -70,6 +106,33 @@ class Database:
         self.engine = engine_for(url, connect_timeout=connect_timeout)
         self.backend = self.engine.dialect.name
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False, autoflush=False)
+        self._sync_sessions: sessionmaker[Session] | None = None
+        if self.backend == "sqlite":
+            # aiosqlite hops to its thread and back for every cursor call; a batch of writes
+            # is far cheaper as one plain-sqlite3 call on a worker thread.
+            sync_url = make_url(url).set(drivername="sqlite")
+            sync_engine = create_engine(sync_url, connect_args={"timeout": 30, "check_same_thread": False})
+            _tune_sqlite(sync_engine)
+            self._sync_sessions = sessionmaker(sync_engine, expire_on_commit=False, autoflush=False)
+            self._write_lock = _SqliteWriteLock(make_url(url).database or "")
+
+    async def run_write(self, work: Callable[[Session], T]) -> T:
+        """Run synchronous ORM work in one write transaction; commits on success.
+
+        On SQLite the whole unit runs on a worker thread over plain sqlite3; elsewhere it runs
+        through `AsyncSession.run_sync` over the async driver.
+        """
+        if self._sync_sessions is not None:
+            factory = self._sync_sessions
+            lock = self._write_lock
+
+            def in_thread() -> T:
+                with lock, factory() as session, session.begin():
+                    return work(session)
+
+            return await asyncio.to_thread(in_thread)
+        async with self.transaction() as session:
+            return await session.run_sync(work)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
@@ -94,3 +157,6 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+        if self._sync_sessions is not None:
+            bind = self._sync_sessions.kw["bind"]
+            await asyncio.to_thread(bind.dispose)

@@ -15,12 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from mallgate.channels.errors import ChannelError
-from mallgate.db.models import PaymentNotification
+from mallgate.db.models import PaymentNotification, table_of
 from mallgate.runtime import Runtime
 from mallgate.services.orders import Applied, PaymentEvent, apply_event
 
@@ -108,41 +108,64 @@ class GroupCommit:
             # Connect timeouts bound a dead database; this bounds a wedged one, so the platform
             # hears "failure" and retries instead of hanging on us.
             async with asyncio.timeout(self.runtime.settings.db_timeout_seconds + 3):
-                async with self.runtime.db.transaction() as session:
-                    return [await _store_and_apply(session, item) for item in batch]
+                try:
+                    return await self.runtime.db.run_write(lambda s: _store_and_apply(s, batch))
+                except SQLAlchemyError:
+                    if len(batch) == 1:
+                        raise
+                # One notification spoiled the batch (a constraint, a race): give each its own
+                # transaction so the others still go through.
+                return [await self._commit_one(item) for item in batch]
         except (TimeoutError, SQLAlchemyError, OSError) as exc:
             log.warning("%d notification(s) not stored: %s", len(batch), type(exc).__name__)
             return [UNAVAILABLE] * len(batch)
 
+    async def _commit_one(self, item: _Pending) -> Applied:
+        try:
+            return (await self.runtime.db.run_write(lambda s: _store_and_apply(s, [item])))[0]
+        except SQLAlchemyError as exc:
+            log.warning("%s notification failed to apply: %s", item.raw.channel, type(exc).__name__)
+            return UNAVAILABLE
 
-async def _store_and_apply(session: AsyncSession, item: _Pending) -> Applied:
-    raw, event, now = item.raw, item.event, item.received_at
-    try:
-        async with session.begin_nested():
-            row = PaymentNotification(
-                channel=raw.channel,
-                kind=event.action if event else "",
-                order_no=event.order_no if event else None,
-                trade_no=(event.trade_no or None) if event else None,
-                received_at=now,
-                source_ip=raw.source_ip[:64],
-                method=raw.method[:8],
-                query_string=raw.query_string,
-                headers=_kept_headers(raw.headers),
-                body=raw.body,
-                verified=event is not None,
-            )
-            session.add(row)
-            result = (
-                await apply_event(session, event, now) if event else Applied(False, "rejected", item.refusal)
-            )
-            row.outcome, row.reason = result.outcome, result.reason[:255]
-            await session.flush()
-            return result
-    except SQLAlchemyError as exc:
-        # Only this notification's savepoint is gone; the platform will send it again.
-        log.warning("%s notification failed to apply: %s", raw.channel, type(exc).__name__)
-        return UNAVAILABLE
+
+_INSERT_NOTIFICATION = insert(table_of(PaymentNotification))
+
+
+def _store_and_apply(session: Session, batch: list[_Pending]) -> list[Applied]:
+    """Apply each notification, then store them all with their outcomes, in the caller's transaction.
+
+    The raw rows and the changes they cause commit together or not at all, so a
+    notification is never applied without its audit row, nor stored as applied
+    when it was not; one multi-row INSERT keeps a batch cheap.
+    """
+    results = [
+        apply_event(session, item.event, item.received_at)
+        if item.event
+        else Applied(False, "rejected", item.refusal)
+        for item in batch
+    ]
+    session.connection().execute(
+        _INSERT_NOTIFICATION,
+        [
+            {
+                "channel": item.raw.channel,
+                "kind": item.event.action if item.event else "",
+                "order_no": item.event.order_no if item.event else None,
+                "trade_no": (item.event.trade_no or None) if item.event else None,
+                "received_at": item.received_at,
+                "source_ip": item.raw.source_ip[:64],
+                "method": item.raw.method[:8],
+                "query_string": item.raw.query_string,
+                "headers": _kept_headers(item.raw.headers),
+                "body": item.raw.body,
+                "verified": item.event is not None,
+                "outcome": result.outcome,
+                "reason": result.reason[:255],
+            }
+            for item, result in zip(batch, results, strict=True)
+        ],
+    )
+    return results
 
 
 def _group_commit(runtime: Runtime) -> GroupCommit:

@@ -9,17 +9,22 @@ import json
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import Connection, insert
 
-from mallgate.db.models import OutboxEvent
+from mallgate.db.models import OutboxEvent, table_of
+
+_INSERT = insert(table_of(OutboxEvent))
 
 
-def add_event(session: AsyncSession, topic: str, payload: dict[str, Any], now: datetime) -> None:
-    session.add(
-        OutboxEvent(
-            topic=topic,
-            payload=json.dumps(payload, ensure_ascii=False, sort_keys=True),
-            created_at=now,
-            available_at=now,
-        )
+def add_event(conn: Connection, topic: str, payload: dict[str, Any], now: datetime) -> None:
+    conn.execute(
+        _INSERT,
+        {
+            "topic": topic,
+            "payload": json.dumps(payload, ensure_ascii=False, sort_keys=True),
+            "created_at": now,
+            "available_at": now,
+            "attempts": 0,
+            "last_error": "",
+        },
     )
