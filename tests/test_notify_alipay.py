@@ -179,9 +179,10 @@ async def test_wrong_app_seller_unknown_order_and_amount_change_nothing(
     assert reasons[0] == "ForeignNotification: notification for another app_id"
     assert reasons[1] == "ForeignNotification: notification for another seller_id"
     rows = await audit(client, no)
-    # Refused before reading (foreign) -> no order number stored; authentic but wrong amount -> kept by order.
-    assert [(r["verified"], r["outcome"]) for r in rows] == [(True, "rejected")]
-    assert rows[0]["reason"].startswith("amount mismatch: notified 12.35, order 12.34")
+    # Refused ones are filed under the order they claim (unverified); the wrong amount is authentic.
+    assert [(r["verified"], r["outcome"]) for r in rows] == [(False, "rejected"), (False, "rejected"),
+                                                              (True, "rejected")]
+    assert rows[2]["reason"].startswith("amount mismatch: notified 12.35, order 12.34")
 
     ghost = unique("GHOST")
     assert await post(client, server, signed(server, ghost, "1.00")) == "failure"
@@ -337,3 +338,16 @@ async def test_legacy_rsa_merchant_and_unconfigured_alipay(client: httpx.AsyncCl
         assert [r[2] for r in await stored_since(server, mark)] == [
             "NotConfigured: Alipay is not configured (app_id / public key)"
         ]
+
+
+async def test_a_forged_notice_is_filed_under_the_order_it_claims(
+    client: httpx.AsyncClient, server: Server
+) -> None:
+    order = await admin_create_order(client, amount="9.00")
+    forged = signed(server, order["order_no"], "9.00")
+    forged["total_amount"] = "0.01"
+    assert await post(client, server, forged) == "failure"
+    trail = await audit(client, order["order_no"])
+    assert [(n["verified"], n["outcome"]) for n in trail] == [(False, "rejected")]
+    assert "NotAuthentic" in trail[0]["reason"]
+    assert (await admin_get_order(client, order["order_no"]))["status"] == "unpaid"

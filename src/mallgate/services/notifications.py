@@ -66,6 +66,7 @@ class _Pending:
     refusal: str
     received_at: datetime
     done: asyncio.Future[Applied]
+    claimed_order_no: str | None = None
 
 
 class GroupCommit:
@@ -150,7 +151,9 @@ def _store_and_apply(session: Session, batch: list[_Pending]) -> list[Applied]:
             {
                 "channel": item.raw.channel,
                 "kind": item.event.action if item.event else "",
-                "order_no": item.event.order_no if item.event else None,
+                # A refused notice is filed under the order it claims, so an order's audit
+                # trail shows the forgeries aimed at it too (verified=False marks them).
+                "order_no": item.event.order_no if item.event else (item.claimed_order_no or "")[:64] or None,
                 "trade_no": (item.event.trade_no or None) if item.event else None,
                 "received_at": item.received_at,
                 "source_ip": item.raw.source_ip[:64],
@@ -175,19 +178,34 @@ def _group_commit(runtime: Runtime) -> GroupCommit:
     return committer
 
 
-async def receive(runtime: Runtime, raw: RawNotification, decode: Decoder) -> Applied:
-    """Verify, store and apply one notification; answers after the commit; never raises."""
+async def receive(
+    runtime: Runtime,
+    raw: RawNotification,
+    decode: Decoder,
+    claim: Callable[[RawNotification], str | None] | None = None,
+) -> Applied:
+    """Verify, store and apply one notification; answers after the commit; never raises.
+
+    `claim` reads the order number a notice claims without trusting it, for filing refused ones.
+    """
+    claimed: str | None = None
     try:
         event: PaymentEvent | None = decode(raw)
         refusal = ""
     except ChannelError as exc:
         event, refusal = None, f"{type(exc).__name__}: {exc}"[:255]
+        if claim is not None:
+            try:
+                claimed = claim(raw)
+            except ValueError:
+                claimed = None
     pending = _Pending(
         raw,
         event,
         refusal,
         runtime.clock.utcnow().replace(tzinfo=None),
         asyncio.get_running_loop().create_future(),
+        claimed,
     )
     result = await _group_commit(runtime).submit(pending)
     if not result.accepted:

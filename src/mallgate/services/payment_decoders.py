@@ -278,9 +278,18 @@ async def decoder_for(runtime: Runtime, raw: RawNotification, *, replay: bool = 
     return lambda r: decode_wechat_v3(r, settings.wechat_pay, keys, now, tolerance)
 
 
+def claimed_order_no(raw: RawNotification) -> str | None:
+    """The out_trade_no a notice names, unverified: only for filing a refused notice."""
+    if raw.channel == ALIPAY:
+        return alipay.parse_form(raw.body, raw.query_string).get("out_trade_no")
+    if raw.channel == WECHAT and is_v2(raw.body):
+        return wechat_pay.parse_xml(raw.body).get("out_trade_no")
+    return None  # v3 resources are encrypted: nothing readable before verification
+
+
 async def handle(runtime: Runtime, raw: RawNotification, *, replay: bool = False) -> Applied:
     """Verify, store and apply one notice; never raises (see notifications.receive)."""
-    return await receive(runtime, raw, await decoder_for(runtime, raw, replay=replay))
+    return await receive(runtime, raw, await decoder_for(runtime, raw, replay=replay), claimed_order_no)
 
 
 # ----------------------------------------------------------------------------------------------
