@@ -34,7 +34,6 @@ SANDBOX_ALIYUN = AliyunSmsSettings(
 )
 
 
-
 class SmsSendError(ChannelError):
     """A send failed; `code` is ours and stable, `provider_code` is the provider's."""
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from mallgate.channels import alipay, wechat_pay
@@ -38,15 +40,24 @@ def notify_url(runtime: Runtime, channel: str) -> str:
     return settings.public_url.rstrip("/") + settings.base_path + path
 
 
-async def _payable_order(runtime: Runtime, user: User, order_no: str) -> Order:
+@dataclass(frozen=True)
+class Payable:
+    """What a payment start needs of an order, read once (the session is gone afterwards)."""
+
+    order_no: str
+    amount: Decimal
+    subject: str
+
+
+async def _payable_order(runtime: Runtime, user: User, order_no: str) -> Payable:
     async with runtime.db.read() as session:
-        order = await orders.find_order(session, order_no)
-    # Someone else's order answers like a missing one: order numbers must not be probeable.
-    if order is None or (order.user_id is not None and order.user_id != user.id):
-        raise ApiError("订单不存在", "order.not_found", field="order_no")
-    if order.status != "unpaid":
-        raise ApiError("订单已支付或已关闭，不能再支付", "order.not_payable", status=order.status)
-    return order
+        order: Order | None = await orders.find_order(session, order_no)
+        # Someone else's order answers like a missing one: order numbers must not be probeable.
+        if order is None or (order.user_id is not None and order.user_id != user.id):
+            raise ApiError("订单不存在", "order.not_found", field="order_no")
+        if order.status != "unpaid":
+            raise ApiError("订单已支付或已关闭，不能再支付", "order.not_payable", order_status=order.status)
+        return Payable(order.order_no, order.amount, order.subject or "商城订单")
 
 
 async def _wechat_openid(runtime: Runtime, user: User) -> str:
@@ -63,7 +74,7 @@ async def _wechat_openid(runtime: Runtime, user: User) -> str:
     raise ApiError("请先使用微信登录，再使用微信支付", "pay.openid_missing")
 
 
-def _alipay(runtime: Runtime, order: Order, trade_type: str) -> dict[str, Any]:
+def _alipay(runtime: Runtime, order: Payable, trade_type: str) -> dict[str, Any]:
     settings = runtime.settings.alipay
     if not (settings.configured and settings.private_key):
         raise ApiError("支付宝支付未开通", "pay.channel_unavailable")
@@ -73,7 +84,7 @@ def _alipay(runtime: Runtime, order: Order, trade_type: str) -> dict[str, Any]:
         "notify_url": notify_url(runtime, ALIPAY),
         "out_trade_no": order.order_no,
         "total_amount": order.amount,
-        "subject": order.subject or "商城订单",
+        "subject": order.subject,
         "clock": runtime.clock,
     }
     if trade_type == "APP":
@@ -81,7 +92,7 @@ def _alipay(runtime: Runtime, order: Order, trade_type: str) -> dict[str, Any]:
     return {"pay_url": alipay.wap_pay_url(settings, **common)}
 
 
-async def _wechat(runtime: Runtime, user: User, order: Order, trade_type: str, ip: str) -> dict[str, Any]:
+async def _wechat(runtime: Runtime, user: User, order: Payable, trade_type: str, ip: str) -> dict[str, Any]:
     settings = runtime.settings.wechat_pay
     if not (settings.app_id and settings.mch_id and settings.api_key):
         raise ApiError("微信支付未开通", "pay.channel_unavailable")
@@ -98,7 +109,7 @@ async def _wechat(runtime: Runtime, user: User, order: Order, trade_type: str, i
     prepay = await client.unified_order(
         out_trade_no=order.order_no,
         total_fee=yuan_to_fen(order.amount),
-        body=order.subject or "商城订单",
+        body=order.subject,
         trade_type=kind,
         notify_url=notify_url(runtime, WECHAT),
         client_ip=ip or "127.0.0.1",
