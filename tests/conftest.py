@@ -191,7 +191,9 @@ async def server(backend: Backend, sandbox_var: Path) -> AsyncIterator[Server]:
 
 @pytest.fixture(scope="session")
 async def client(server: Server) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+    # Idle connections are dropped before uvicorn's 5 s keep-alive ends, so no request races a close.
+    limits = httpx.Limits(keepalive_expiry=2)
+    async with httpx.AsyncClient(base_url=server.url, timeout=30, limits=limits) as http:
         yield http
 
 

@@ -13,9 +13,9 @@ from fastapi.responses import Response
 from mallgate.clock import Clock
 from mallgate.envelope import install_handlers
 from mallgate.middleware import BareOptions, BodyLimit, BodyTooLarge, Metrics, too_large_body
-from mallgate.routes import account, admin, health, payments
+from mallgate.routes import account, admin, health, login, payments, qrcode, sms
 from mallgate.runtime import Runtime
-from mallgate.sandbox.app import MOUNT, create_sandbox_app, sandbox_settings
+from mallgate.sandbox.app import MOUNT, create_sandbox_app, service_settings
 from mallgate.settings import Settings
 
 log = logging.getLogger("mallgate")
@@ -28,7 +28,10 @@ def api_router() -> APIRouter:
     """Every route of the API document, under the base path."""
     router = APIRouter()
     router.include_router(account.router)
+    router.include_router(qrcode.router)
     router.include_router(payments.router)
+    router.include_router(sms.router)
+    router.include_router(login.router)
     return router
 
 
@@ -37,14 +40,16 @@ def create_app(
 ) -> FastAPI:
     """The service; with the sandbox on, the stand-ins are mounted at /_sandbox and used."""
     settings = settings or Settings()
+    if sandbox is not None:
+        settings = settings.model_copy(update={"sandbox": sandbox})
     sandbox_app = None
-    sandbox_url = None
-    if settings.sandbox_enabled if sandbox is None else sandbox:
-        sandbox_url = settings.public_url.rstrip("/") + MOUNT
+    if settings.sandbox_enabled:
         sandbox_app = create_sandbox_app(
             settings.var_dir / "sandbox", service_url=settings.public_url.rstrip("/") + settings.base_path
         )
-        settings = sandbox_settings(settings, sandbox_url, sandbox_app.state.sandbox.keys)
+    settings, sandbox_url = service_settings(
+        settings, sandbox_app.state.sandbox.keys if sandbox_app else None
+    )
     runtime = Runtime.create(settings, clock)
     runtime.sandbox_url = sandbox_url
 

@@ -125,13 +125,12 @@ def sandbox_cmd(
 
 def _runtime(settings: Settings) -> Runtime:
     """The runtime the service would have: with the sandbox on, the parties are its stand-ins."""
-    if settings.sandbox_enabled:
-        from mallgate.sandbox.app import MOUNT, sandbox_settings
-        from mallgate.sandbox.keys import SandboxKeys
+    from mallgate.sandbox.app import service_settings
 
-        keys = SandboxKeys.load_or_create(settings.var_dir / "sandbox")
-        settings = sandbox_settings(settings, settings.public_url.rstrip("/") + MOUNT, keys)
-    return Runtime.create(settings)
+    settings, sandbox_url = service_settings(settings)
+    runtime = Runtime.create(settings)
+    runtime.sandbox_url = sandbox_url
+    return runtime
 
 
 def _run(work: Callable[[Runtime], Awaitable[T]]) -> T:

@@ -140,6 +140,13 @@ class SmsSettings(BaseModel):
     timeout_seconds: float = Field(5.0, gt=0, le=30)
 
 
+class LoginSettings(BaseModel):
+    """Password login attempts, counted before the password is checked (brute-force brake)."""
+
+    per_account_per_15min: int = Field(10, ge=1)
+    per_ip_hourly: int = Field(100, ge=1)
+
+
 class TemplateSettings(BaseModel):
     delivery_notice: str = ""
     order_complete: str = ""
@@ -189,6 +196,7 @@ class Settings(BaseSettings):
     apple: AppleSettings = AppleSettings()
     sms: SmsSettings = SmsSettings()
     templates: TemplateSettings = TemplateSettings()
+    login: LoginSettings = LoginSettings()
     qrcode: QrcodeSettings = QrcodeSettings()
 
     @field_validator("base_path")

@@ -116,7 +116,10 @@ def build_provider(settings: SmsSettings, http: httpx.AsyncClient, sandbox_url: 
     if settings.provider == "aliyun":
         return AliyunSmsProvider(settings.aliyun, http, timeout=settings.timeout_seconds)
     if settings.provider == "tencent":
-        return TencentSmsProvider(settings.tencent, http, timeout=settings.timeout_seconds)
+        minutes = max(1, settings.code_ttl_seconds // 60)
+        return TencentSmsProvider(
+            settings.tencent, http, timeout=settings.timeout_seconds, code_minutes=minutes
+        )
     if settings.provider == "sandbox":
         if not sandbox_url:
             raise ValueError("the sandbox SMS provider needs the sandbox URL")

@@ -28,9 +28,9 @@ SERVICE = "sms"
 API_VERSION = "2021-01-11"
 CONTENT_TYPE = "application/json; charset=utf-8"
 SIGNED_HEADERS: tuple[str, ...] = ("content-type", "host")
-# The code's lifetime in minutes, the second variable of the usual template
-# "验证码{1}，{2}分钟内有效".
-CODE_MINUTES = "5"
+# The code's lifetime in minutes is the second variable of the usual template
+# "验证码{1}，{2}分钟内有效"; the provider is told it from the code TTL setting.
+DEFAULT_CODE_MINUTES = 5
 
 _AUTHORIZATION = re.compile(
     r"TC3-HMAC-SHA256 Credential=(?P<secret_id>[^/\s,]+)/(?P<date>\d{4}-\d{2}-\d{2})/(?P<service>[^/\s,]+)"
@@ -164,14 +164,16 @@ def verify_request(
     return match["secret_id"]
 
 
-def build_send_body(settings: TencentSmsSettings, mobile: str, code: str) -> bytes:
+def build_send_body(
+    settings: TencentSmsSettings, mobile: str, code: str, code_minutes: int = DEFAULT_CODE_MINUTES
+) -> bytes:
     """The exact bytes sent and signed."""
     payload = {
         "PhoneNumberSet": [f"+86{normalize_mobile(mobile)}"],
         "SmsSdkAppId": settings.sdk_app_id,
         "TemplateId": settings.template_id,
         "SignName": settings.sign_name,
-        "TemplateParamSet": [code, CODE_MINUTES],
+        "TemplateParamSet": [code, str(code_minutes)],
     }
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
 
@@ -261,15 +263,17 @@ class TencentSmsProvider:
         timeout: float,
         clock: Clock = default_clock,
         name: str = "tencent",
+        code_minutes: int = DEFAULT_CODE_MINUTES,
     ) -> None:
         self.settings = settings
+        self.code_minutes = code_minutes
         self.http = http
         self.timeout = timeout
         self.clock = clock
         self.name = name
 
     async def send_code(self, mobile: str, code: str) -> str:
-        body = build_send_body(self.settings, mobile, code)
+        body = build_send_body(self.settings, mobile, code, self.code_minutes)
         headers = build_send_headers(self.settings, body, int(self.clock.now()))
         response = await post_within(
             self.http, self.name, self.timeout, self.settings.endpoint, content=body, headers=headers

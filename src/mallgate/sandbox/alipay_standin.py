@@ -62,12 +62,16 @@ def _biz_content(params: dict[str, str]) -> dict[str, Any]:
     except ValueError:
         biz = None
     if not isinstance(biz, dict):
-        raise GatewayError("40002", "Invalid Arguments", "isv.invalid-parameter", "biz_content 不是 JSON 对象")
+        raise GatewayError(
+            "40002", "Invalid Arguments", "isv.invalid-parameter", "biz_content 不是 JSON 对象"
+        )
     return biz
 
 
 class AlipayStandIn:
-    def __init__(self, state: SandboxState, book: TradeBook, notifier: Notifier, clock: Clock = default_clock):
+    def __init__(
+        self, state: SandboxState, book: TradeBook, notifier: Notifier, clock: Clock = default_clock
+    ):
         self._state = state
         self._book = book
         self._notifier = notifier
@@ -148,7 +152,8 @@ class AlipayStandIn:
                 return page("支付宝 · 错误", f"<p>{escape(str(exc))}</p>", status_code=400)
             back = ""
             if outcome.trade.return_url:
-                back = f'<p><a href="{escape(self.return_link(outcome.trade))}">返回商家 (return to the shop)</a></p>'
+                link = escape(self.return_link(outcome.trade))
+                back = f'<p><a href="{link}">返回商家 (return to the shop)</a></p>'
             return page(
                 "支付宝 · 支付成功",
                 definition(
@@ -178,7 +183,11 @@ class AlipayStandIn:
             }
         else:
             # trade_no wins when both are given, as at Alipay.
-            trade = self._book.by_trade_no("alipay", trade_no) if trade_no else self._book.get("alipay", out_trade_no)
+            trade = (
+                self._book.by_trade_no("alipay", trade_no)
+                if trade_no
+                else self._book.get("alipay", out_trade_no)
+            )
             # A cashier opened but never paid creates no trade at Alipay either.
             if trade is None or (trade.status == "pending"):
                 payload = {
@@ -294,7 +303,6 @@ class AlipayStandIn:
             if amount is None:
                 raise SandboxError(f"the Alipay stand-in does not know {order_no}: give its amount")
             trade = self._book.put(Trade("alipay", order_no, amount, created_at=now))
-        fields = self._trade_fields(trade)
         refund = None
         # Each branch changes the trade before any await, so concurrent calls see a consistent record.
         if kind == "pay":
@@ -380,7 +388,9 @@ class AlipayStandIn:
             "point_amount": "0.00",
             "gmt_payment": paid_at.strftime("%Y-%m-%d %H:%M:%S"),
             # camelCase fundChannel in notices (the query API says fund_channel): Alipay's own quirk.
-            "fund_bill_list": json.dumps([{"amount": amount, "fundChannel": "ALIPAYACCOUNT"}], separators=(",", ":")),
+            "fund_bill_list": json.dumps(
+                [{"amount": amount, "fundChannel": "ALIPAYACCOUNT"}], separators=(",", ":")
+            ),
         }
 
     def _builder(self, fields: dict[str, str]) -> Callable[[], Outgoing]:
@@ -388,7 +398,9 @@ class AlipayStandIn:
 
         def build() -> Outgoing:
             # notify_time is the time of this delivery, so every re-send is signed afresh.
-            signed = sign_notification({**fixed, "notify_time": self._now_text()}, self._platform_private, SIGN_TYPE)
+            signed = sign_notification(
+                {**fixed, "notify_time": self._now_text()}, self._platform_private, SIGN_TYPE
+            )
             return Outgoing({"Content-Type": _FORM}, urlencode(signed).encode("ascii"))
 
         return build

@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import HTMLResponse
@@ -36,6 +37,10 @@ class StandIn:
     links: list[tuple[str, str]] = field(default_factory=list)
 
 
+class Resource(Protocol):
+    async def aclose(self) -> None: ...
+
+
 @dataclass
 class SandboxState:
     """What the stand-ins share: keys, the service they talk back to, and whatever they record."""
@@ -44,6 +49,13 @@ class SandboxState:
     folder: Path
     service_url: str = ""
     standins: list[StandIn] = field(default_factory=list)
+    # What stand-ins own beyond a request (HTTP clients, background retries), by name, for
+    # tests to reach and for whoever runs the sandbox to close.
+    resources: dict[str, Resource] = field(default_factory=dict)
+
+    async def aclose(self) -> None:
+        for resource in self.resources.values():
+            await resource.aclose()
 
 
 def sandbox_settings(settings: Settings, sandbox_url: str, keys: SandboxKeys) -> Settings:
@@ -98,9 +110,21 @@ def sandbox_settings(settings: Settings, sandbox_url: str, keys: SandboxKeys) ->
     return settings.model_copy(update=update)
 
 
+def service_settings(settings: Settings, keys: SandboxKeys | None = None) -> tuple[Settings, str | None]:
+    """The settings the service runs with, and the sandbox URL when the sandbox is on."""
+    if not settings.sandbox_enabled:
+        return settings, None
+    url = settings.public_url.rstrip("/") + MOUNT
+    keys = keys or SandboxKeys.load_or_create(settings.var_dir / "sandbox")
+    return sandbox_settings(settings, url, keys), url
+
+
 def _standins(state: SandboxState) -> list[StandIn]:
     """Every stand-in of the sandbox; later parts add theirs here."""
-    return []
+    from mallgate.sandbox.payments import payment_standins
+    from mallgate.sandbox.sms_standin import sms_standin
+
+    return [*payment_standins(state), sms_standin(state)]
 
 
 def create_sandbox_app(folder: Path, service_url: str = "") -> FastAPI:

@@ -186,11 +186,10 @@ class Notifier:
         await asyncio.gather(*(d.first_attempt.wait() for d in deliveries))
         return deliveries
 
-    async def wait_idle(self, timeout: float | None = None) -> None:
-        """Until every retry has ended (tests)."""
-        async with asyncio.timeout(timeout):
-            while self._tasks:
-                await asyncio.gather(*list(self._tasks), return_exceptions=True)
+    async def wait_idle(self) -> None:
+        """Until every retry has ended (tests; wrap in asyncio.timeout)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def cancel_pending(self) -> None:
         tasks = list(self._tasks)
@@ -219,7 +218,9 @@ class Notifier:
                     delivery.state = "delivered"
                     return
             delivery.state = "failed"
-            log.info("sandbox: gave up on %s notification %d to %s", delivery.protocol, delivery.id, delivery.url)
+            log.info(
+                "sandbox: gave up on %s notification %d to %s", delivery.protocol, delivery.id, delivery.url
+            )
         except asyncio.CancelledError:
             delivery.state = "cancelled"
             delivery.next_attempt_at = None

@@ -32,7 +32,11 @@ def page(title: str, body: str, status_code: int = 200) -> HTMLResponse:
 
 
 def definition(rows: Iterable[tuple[str, str]]) -> str:
-    return "<table>" + "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in rows) + "</table>"
+    return (
+        "<table>"
+        + "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in rows)
+        + "</table>"
+    )
 
 
 def _time(at: float | None) -> str:
@@ -48,7 +52,11 @@ def deliveries_table(deliveries: Sequence[Delivery]) -> str:
     for d in deliveries:
         attempts = "<br>".join(
             f"#{a.number} {_time(a.at)} "
-            + (f"<span class=ok>{a.status}</span>" if a.ok else f"<span class=bad>{a.status or a.error}</span>")
+            + (
+                f"<span class=ok>{a.status}</span>"
+                if a.ok
+                else f"<span class=bad>{a.status or a.error}</span>"
+            )
             + f" <code>{escape(a.body[:120])}</code>"
             for a in d.attempts
         )

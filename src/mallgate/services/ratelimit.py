@@ -31,7 +31,8 @@ class RateLimited(Exception):
     def __init__(self, limit: Limit, retry_after: int) -> None:
         super().__init__(f"{limit.key} over {limit.limit} per {limit.window_seconds}s")
         self.limit = limit
-        self.retry_after = max(1, retry_after)
+        # Clocks of concurrent requests differ by a hair; never ask for more than one window.
+        self.retry_after = min(max(1, retry_after), max(1, limit.window_seconds))
 
 
 async def _hit_one(session: AsyncSession, limit: Limit, now: datetime) -> None:
@@ -78,3 +79,10 @@ async def release(session: AsyncSession, limits: Sequence[Limit], now: datetime)
             .where(Counter.key == limit.key, Counter.expires_at > now, Counter.count > 0)
             .values(count=Counter.count - 1)
         )
+
+
+def wait_text(seconds: int) -> str:
+    """How long to wait, as the clients show it: seconds up to two minutes, then minutes."""
+    if seconds <= 120:
+        return f"{seconds} 秒"
+    return f"{-(-seconds // 60)} 分钟"
