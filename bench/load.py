@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -144,6 +147,54 @@ def measure(
     return asyncio.run(
         python_load(base, lambda _n: (method, path, headers, body), connections, seconds, label)
     )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_up(url: str, proc: subprocess.Popen[bytes], seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url} exited early")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def start_background(
+    argv: list[str], env: dict[str, str], health_url: str, cwd: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """A server in its own process group (so stop() ends its workers too), once it answers."""
+    proc = subprocess.Popen(
+        argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    wait_up(health_url, proc)
+    return proc
+
+
+def start_mallgate(work: Path, port: int, workers: int, settings: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`mallgate serve` from this checkout's .venv, with only the given MALLGATE_ settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLGATE_")}
+    env.update({"MALLGATE_VAR_DIR": str(work / "var"), "MALLGATE_SANDBOX": "false", **settings})
+    mallgate = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "mallgate")
+    argv = [mallgate, "serve", "--port", str(port), "--workers", str(workers)]
+    return start_background(argv, env, f"http://127.0.0.1:{port}/healthz", cwd=work)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
 
 
 def report(results: list[Result], floor: Result, tool: str, connections: int) -> None:

@@ -18,18 +18,15 @@ import os
 import re
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from load import Result, python_load, report, wrk_load
+from load import Result, free_port, python_load, report, start_background, start_mallgate, stop, wrk_load
 
 from mallgate.db.servers import create_database, drop_database
 
@@ -38,26 +35,6 @@ PEER_DIR = (ROOT.parent / "shared" / "peer").resolve()
 PEER_VENV = ROOT / "bench" / ".peer-venv"
 APP_ID = "2021000000000000"
 ADMIN = "bench-admin-token"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_up(url: str, proc: subprocess.Popen[bytes], seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url} exited early")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} did not come up")
 
 
 def peer_python() -> Path:
@@ -182,36 +159,15 @@ def main() -> None:
         if args.db == "postgresql":
             pg_name, db_url = pg_database(args.pg_url)
         port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLGATE_")}
-        env.update(
-            {
-                "MALLGATE_DATABASE_URL": db_url,
-                "MALLGATE_VAR_DIR": str(work / "var"),
-                "MALLGATE_SANDBOX": "false",
-                "MALLGATE_ADMIN_TOKEN": ADMIN,
-                "MALLGATE_ALIPAY__APP_ID": APP_ID,
-                "MALLGATE_ALIPAY__PUBLIC_KEY": str(fixture / "pub.pem"),
-                "MALLGATE_ALIPAY__PRIVATE_KEY": str(fixture / "priv.pem"),
-            }
-        )
-        mallgate = subprocess.Popen(
-            [
-                str(ROOT / ".venv" / "bin" / "mallgate"),
-                "serve",
-                "--port",
-                str(port),
-                "--workers",
-                str(args.workers),
-            ],
-            env=env,
-            cwd=work,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        procs.append(mallgate)
+        settings = {
+            "MALLGATE_DATABASE_URL": db_url,
+            "MALLGATE_ADMIN_TOKEN": ADMIN,
+            "MALLGATE_ALIPAY__APP_ID": APP_ID,
+            "MALLGATE_ALIPAY__PUBLIC_KEY": str(fixture / "pub.pem"),
+            "MALLGATE_ALIPAY__PRIVATE_KEY": str(fixture / "priv.pem"),
+        }
+        procs.append(start_mallgate(work, port, args.workers, settings))
         base = f"http://127.0.0.1:{port}"
-        wait_up(base + "/healthz", mallgate)
         asyncio.run(create_orders(base, lua))
 
         peer_base = ""
@@ -224,25 +180,19 @@ def main() -> None:
                 "PEER_PUB": str(fixture / "pub.pem"),
                 "PEER_DB": str(fixture / "peer.db"),
             }
-            peer = subprocess.Popen(
-                [
-                    str(peer_python().parent / "gunicorn"),
-                    "-w",
-                    str(args.workers),
-                    "-b",
-                    f"127.0.0.1:{peer_port}",
-                    "--chdir",
-                    str(PEER_DIR),
-                    "peer_app:app",
-                ],
-                env=peer_env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-            procs.append(peer)
+            gunicorn = str(peer_python().parent / "gunicorn")
+            argv = [
+                gunicorn,
+                "-w",
+                str(args.workers),
+                "-b",
+                f"127.0.0.1:{peer_port}",
+                "--chdir",
+                str(PEER_DIR),
+                "peer_app:app",
+            ]
             peer_base = f"http://127.0.0.1:{peer_port}"
-            wait_up(peer_base + "/floor", peer)
+            procs.append(start_background(argv, peer_env, peer_base + "/floor"))
 
         c, s = args.connections, args.seconds
         floor = floor_load(base, "/floor", c, s, use_wrk, f"mallgate GET /floor ({args.db})")
@@ -262,11 +212,7 @@ def main() -> None:
             )
     finally:
         for proc in procs:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=15)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
+            stop(proc)
         if pg_name:
             pg_drop(args.pg_url, pg_name)
         shutil.rmtree(work, ignore_errors=True)

@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,8 +23,7 @@ import urllib.parse
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from load import Result, python_load, report, wrk_load
-from notify import free_port, wait_up
+from load import Result, free_port, python_load, report, start_mallgate, stop, wrk_load
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = "https://shop.example.com/pages/goods/detail?id=12345&spread_id=678"
@@ -75,32 +71,9 @@ def main() -> None:
     use_wrk = bool(shutil.which("wrk")) and not args.python
     work = Path(tempfile.mkdtemp(prefix="mallgate-qr-"))
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLGATE_")}
-    env.update(
-        {
-            "MALLGATE_VAR_DIR": str(work / "var"),
-            "MALLGATE_SANDBOX": "false",
-            "MALLGATE_QRCODE__PER_IP_PER_MINUTE": "0",
-        }
-    )
-    proc = subprocess.Popen(
-        [
-            str(ROOT / ".venv" / "bin" / "mallgate"),
-            "serve",
-            "--port",
-            str(port),
-            "--workers",
-            str(args.workers),
-        ],
-        env=env,
-        cwd=work,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = start_mallgate(work, port, args.workers, {"MALLGATE_QRCODE__PER_IP_PER_MINUTE": "0"})
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_up(base + "/healthz", proc)
         c, s = args.connections, args.seconds
         cached_path = "/api/qrcode?data=" + urllib.parse.quote(DATA, safe="")
         if use_wrk:
@@ -124,8 +97,7 @@ def main() -> None:
         results: list[Result] = [cached, fresh]
         report(results, floor, "wrk" if use_wrk else "python httpx", c)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=15)
+        stop(proc)
         shutil.rmtree(work, ignore_errors=True)
     ours, theirs = render_speed()
     print(

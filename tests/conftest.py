@@ -14,6 +14,7 @@ import secrets
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,14 +78,6 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_line(f"NOT TESTED ON: {', '.join(sorted(missing))}", red=True, bold=True)
 
 
-async def _create_database(kind: str, server_url: str, name: str) -> str:
-    return await create_database(server_url, name)
-
-
-async def _drop_database(kind: str, server_url: str, name: str) -> None:
-    await drop_database(server_url, name)
-
-
 @dataclass
 class Backend:
     name: str
@@ -103,12 +96,12 @@ async def backend(
         yield Backend(kind, url)
         return
     name = f"mallgate_t_{os.getpid()}_{secrets.token_hex(3)}"
-    url = await _create_database(kind, BACKENDS[kind], name)
+    url = await create_database(BACKENDS[kind], name)
     try:
         await asyncio.to_thread(upgrade, url)  # every run migrates from empty
         yield Backend(kind, url)
     finally:
-        await _drop_database(kind, BACKENDS[kind], name)
+        await drop_database(BACKENDS[kind], name)
 
 
 class TestClock(Clock):
@@ -173,6 +166,22 @@ async def start_server(
             task.result()
         await asyncio.sleep(0.02)
     return app, server, task
+
+
+@asynccontextmanager
+async def other_server(
+    server: Server, clock: TestClock | None = None, **overrides: Any
+) -> AsyncIterator[httpx.AsyncClient]:
+    """A second server on the same database, with other settings (and its own clock)."""
+    port = free_port()
+    settings = make_settings(server.backend, server.settings.var_dir, port, **overrides)
+    _app, uv, task = await start_server(settings, clock or TestClock(), port)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            yield http
+    finally:
+        uv.should_exit = True
+        await task
 
 
 @pytest.fixture(scope="session")

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import httpx
 
-from conftest import Server, TestClock, free_port, make_settings, start_server
+from conftest import Server, other_server
 from support import (
     ADMIN,
     admin_create_order,
@@ -92,18 +90,9 @@ async def test_wrong_or_missing_admin_token_is_refused(client: httpx.AsyncClient
         assert response.json()["status"] == 0
 
 
-async def test_admin_api_is_absent_without_a_token(server: Server, tmp_path: Path) -> None:
-    port = free_port()
-    settings = make_settings(server.backend, server.settings.var_dir, port, admin_token="")
-    _app, uv, task = await start_server(settings, TestClock(), port)
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
-            for headers in ({}, {"Authorization": "Bearer x"}, ADMIN):
-                response = await http.post(
-                    "/admin/goods", json={"name": "x", "price": "1.00"}, headers=headers
-                )
-                assert response.status_code == 404
-            assert (await http.get("/healthz")).status_code == 200
-    finally:
-        uv.should_exit = True
-        await task
+async def test_admin_api_is_absent_without_a_token(server: Server) -> None:
+    async with other_server(server, admin_token="") as http:
+        for headers in ({}, {"Authorization": "Bearer x"}, ADMIN):
+            response = await http.post("/admin/goods", json={"name": "x", "price": "1.00"}, headers=headers)
+            assert response.status_code == 404
+        assert (await http.get("/healthz")).status_code == 200

@@ -12,9 +12,10 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
-from conftest import BACKENDS, _create_database, _drop_database
+from conftest import BACKENDS
 from mallgate.db.migrate import downgrade, upgrade
 from mallgate.db.models import Base
+from mallgate.db.servers import create_database, drop_database
 from mallgate.db.session import engine_for
 
 
@@ -25,11 +26,11 @@ async def empty_url(request: pytest.FixtureRequest, tmp_path: Path):
         yield f"sqlite+aiosqlite:///{tmp_path / 'm.db'}"
         return
     name = f"mallgate_m_{os.getpid()}_{secrets.token_hex(3)}"
-    url = await _create_database(kind, BACKENDS[kind], name)
+    url = await create_database(BACKENDS[kind], name)
     try:
         yield url
     finally:
-        await _drop_database(kind, BACKENDS[kind], name)
+        await drop_database(BACKENDS[kind], name)
 
 
 async def _tables(url: str) -> set[str]:

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlencode
 
 import httpx
 from sqlalchemy import func, select
 
-from conftest import Server, TestClock, free_port, make_settings, start_server
+from conftest import Server, other_server
 from mallgate.channels import alipay
 from mallgate.db.models import PaymentNotification
 from mallgate.sandbox.keys import SandboxKeys
@@ -180,8 +178,11 @@ async def test_wrong_app_seller_unknown_order_and_amount_change_nothing(
     assert reasons[1] == "ForeignNotification: notification for another seller_id"
     rows = await audit(client, no)
     # Refused ones are filed under the order they claim (unverified); the wrong amount is authentic.
-    assert [(r["verified"], r["outcome"]) for r in rows] == [(False, "rejected"), (False, "rejected"),
-                                                              (True, "rejected")]
+    assert [(r["verified"], r["outcome"]) for r in rows] == [
+        (False, "rejected"),
+        (False, "rejected"),
+        (True, "rejected"),
+    ]
     assert rows[2]["reason"].startswith("amount mismatch: notified 12.35, order 12.34")
 
     ghost = unique("GHOST")
@@ -303,25 +304,12 @@ async def test_oversized_body_is_refused(client: httpx.AsyncClient, server: Serv
     assert (await admin_get_order(client, order["order_no"]))["status"] == "unpaid"
 
 
-@asynccontextmanager
-async def extra_server(server: Server, **overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
-    port = free_port()
-    settings = make_settings(server.backend, server.settings.var_dir, port, **overrides)
-    _app, uv, task = await start_server(settings, TestClock(), port)
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
-            yield http
-    finally:
-        uv.should_exit = True
-        await task
-
-
 async def test_legacy_rsa_merchant_and_unconfigured_alipay(client: httpx.AsyncClient, server: Server) -> None:
     live = effective(server).alipay
     rsa_settings = AlipaySettings(
         app_id=live.app_id, public_key=live.public_key, sign_type="RSA", seller_id=live.seller_id
     )
-    async with extra_server(server, sandbox=False, alipay=rsa_settings) as rsa_client:
+    async with other_server(server, sandbox=False, alipay=rsa_settings) as rsa_client:
         order = await admin_create_order(rsa_client, amount="6.60")
         assert await post(rsa_client, server, signed(server, order["order_no"], "6.60")) == "failure"
         assert (
@@ -330,7 +318,7 @@ async def test_legacy_rsa_merchant_and_unconfigured_alipay(client: httpx.AsyncCl
         )
         assert (await admin_get_order(rsa_client, order["order_no"]))["status"] == "paid"
 
-    async with extra_server(server, sandbox=False) as bare:
+    async with other_server(server, sandbox=False) as bare:
         order = await admin_create_order(bare, amount="1.00")
         mark = await last_id(server)
         assert await post(bare, server, signed(server, order["order_no"], "1.00")) == "failure"

@@ -9,7 +9,7 @@ import httpx
 import zxingcpp
 from PIL import Image
 
-from conftest import Server, TestClock, free_port, make_settings, start_server
+from conftest import Server, other_server
 from mallgate.settings import QrcodeSettings
 
 
@@ -67,24 +67,11 @@ async def test_bounds_and_bad_input(client: httpx.AsyncClient) -> None:
 
 
 async def test_rate_limited_per_ip(server: Server) -> None:
-    port = free_port()
-    settings = make_settings(
-        server.backend, server.settings.var_dir, port, qrcode=QrcodeSettings(per_ip_per_minute=5)
-    )
-    _app, uv, task = await start_server(settings, TestClock(), port)
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
-            answers = [await http.get("/api/qrcode", params={"data": f"n{i}"}) for i in range(7)]
-        assert [a.status_code for a in answers[:5]] == [200] * 5
-        refused = answers[5].json()
-        assert (
-            refused["status"] == 0
-            and refused["code"] == "qrcode.too_frequent"
-            and refused["retry_after"] >= 1
-        )
-    finally:
-        uv.should_exit = True
-        await task
+    async with other_server(server, qrcode=QrcodeSettings(per_ip_per_minute=5)) as http:
+        answers = [await http.get("/api/qrcode", params={"data": f"n{i}"}) for i in range(7)]
+    assert [a.status_code for a in answers[:5]] == [200] * 5
+    refused = answers[5].json()
+    assert refused["status"] == 0 and refused["code"] == "qrcode.too_frequent" and refused["retry_after"] >= 1
 
 
 async def test_never_fetches_the_url_it_encodes(client: httpx.AsyncClient) -> None:

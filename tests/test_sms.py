@@ -22,7 +22,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from conftest import Server, TestClock, free_port, make_settings, start_server
+from conftest import Server, TestClock, other_server
 from mallgate.channels.sms import SANDBOX_ALIYUN
 from mallgate.db.models import SmsCode
 from mallgate.db.session import Database
@@ -98,22 +98,6 @@ async def register(
 
 def wrong(code: str) -> str:
     return f"{(int(code) + 1) % 10**6:06d}"
-
-
-@asynccontextmanager
-async def other_server(
-    server: Server, clock: TestClock | None = None, **overrides: Any
-) -> AsyncIterator[httpx.AsyncClient]:
-    """A second server on the same database, with other settings (and its own clock)."""
-    port = free_port()
-    settings = make_settings(server.backend, server.settings.var_dir, port, **overrides)
-    _app, uv, task = await start_server(settings, clock or TestClock(), port)
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
-            yield http
-    finally:
-        uv.should_exit = True
-        await task
 
 
 @asynccontextmanager
