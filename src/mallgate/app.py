@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,6 +23,19 @@ log = logging.getLogger("mallgate")
 
 NOTIFY_SUFFIXES = ("/pay/notify", "/wechat/notify")
 CORS_HEADERS = ["Auth-Token", "Content-Type", "Authorization", "X-Requested-With", "Accept", "Origin"]
+
+
+def tune_gc() -> None:
+    """Keep the cycle collector off the long-lived start-up heap.
+
+    A full collection walks every object the libraries built at import (several
+    hundred thousand), which stalled requests for up to 100 ms under load: the p99.
+    Freezing moves them out of the collector's sight; a larger first threshold makes
+    the young collections rarer. Request garbage is still collected.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
 
 
 def api_router() -> APIRouter:
@@ -55,6 +69,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        tune_gc()
         yield
         await runtime.close()
 

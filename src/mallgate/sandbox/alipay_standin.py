@@ -228,7 +228,8 @@ class AlipayStandIn:
         if paid and trade.paid_at is not None:
             payload["send_pay_date"] = trade.paid_at.strftime("%Y-%m-%d %H:%M:%S")
             payload["fund_bill_list"] = [{"amount": yuan(trade.amount), "fund_channel": "ALIPAYACCOUNT"}]
-        return payload
+        # Alipay leaves out what it does not know (a closed unpaid trade has no buyer) rather than send "".
+        return {k: v for k, v in payload.items() if v != ""}
 
     def _cashier(self, params: dict[str, str]) -> Response:
         biz = _biz_content(params)
