@@ -71,6 +71,9 @@ def create_app(
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         tune_gc()
         yield
+        # Starlette runs no lifespan for a mounted app: the sandbox's clients are closed here.
+        if sandbox_app is not None:
+            await sandbox_app.state.sandbox.aclose()
         await runtime.close()
 
     app = FastAPI(title="mallgate", lifespan=lifespan, docs_url="/docs", redoc_url=None)

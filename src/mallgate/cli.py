@@ -9,7 +9,8 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Annotated, TypeVar
 
@@ -43,6 +44,9 @@ def load_settings() -> Settings:
 
 def _configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # httpx logs every URL at INFO; platform URLs can carry tokens (access_token=...) in the query.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 
 @db_app.command("upgrade")
@@ -117,8 +121,15 @@ def sandbox_cmd(
     from mallgate.sandbox.app import MOUNT, create_sandbox_app
 
     settings = load_settings()
-    outer = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-    outer.mount(MOUNT, create_sandbox_app(settings.var_dir / "sandbox", service_url=service_url))
+    sandbox = create_sandbox_app(settings.var_dir / "sandbox", service_url=service_url)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await sandbox.state.sandbox.aclose()
+
+    outer = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    outer.mount(MOUNT, sandbox)
     log.info("mallgate sandbox on http://%s:%d%s/ (service %s)", host, port, MOUNT, service_url)
     uvicorn.run(outer, host=host, port=port, log_level="warning")
 
