@@ -129,6 +129,10 @@ class GroupCommit:
             return UNAVAILABLE
 
 
+def _lock_key(item: _Pending) -> str:
+    return item.event.order_no if item.event else ""
+
+
 _INSERT_NOTIFICATION = insert(table_of(PaymentNotification))
 
 
@@ -139,12 +143,14 @@ def _store_and_apply(session: Session, batch: list[_Pending]) -> list[Applied]:
     notification is never applied without its audit row, nor stored as applied
     when it was not; one multi-row INSERT keeps a batch cheap.
     """
-    results = [
-        apply_event(session, item.event, item.received_at)
-        if item.event
-        else Applied(False, "rejected", item.refusal)
-        for item in batch
-    ]
+    results: list[Applied] = [Applied(False, "rejected", item.refusal) for item in batch]
+    # Orders are locked in one global order (by number), so two batches in two processes
+    # never wait on each other's rows in a cycle (PostgreSQL/MySQL would break the deadlock
+    # only after a second).
+    for index in sorted(range(len(batch)), key=lambda i: _lock_key(batch[i])):
+        event = batch[index].event
+        if event is not None:
+            results[index] = apply_event(session, event, batch[index].received_at)
     session.connection().execute(
         _INSERT_NOTIFICATION,
         [
