@@ -307,28 +307,14 @@ class AlipayStandIn:
         refund = None
         # Each branch changes the trade before any await, so concurrent calls see a consistent record.
         if kind == "pay":
-            if trade.status == "closed":
-                raise SandboxError(f"{order_no} is closed")
-            if trade.status == "pending":
-                if amount is not None:
-                    trade.amount = amount
-                trade.status, trade.paid_at = "paid", now
+            if trade.pay(amount, now):
                 trade.trade_no = alipay_trade_no(now)
                 trade.buyer_id = "2088" + digits(12)
                 trade.notify_id = secrets.token_hex(16)
             # Paying a paid trade again re-sends its notice unchanged: a late duplicate.
             fields = self._trade_fields(trade) | self._paid_fields(trade)
         elif kind == "refund":
-            if trade.status != "paid":
-                raise SandboxError(f"{order_no} is not paid, nothing to refund")
-            remaining = trade.amount - trade.refunded
-            refund = remaining if refund_amount is None else refund_amount
-            if remaining <= 0:
-                raise SandboxError(f"{order_no} is already fully refunded")
-            if refund > remaining:
-                raise SandboxError(f"refund {yuan(refund)} exceeds the refundable {yuan(remaining)}")
-            trade.refunded += refund
-            trade.refund_count += 1
+            refund = trade.take_refund(refund_amount)
             trade.notify_id = secrets.token_hex(16)
             fields = self._trade_fields(trade) | self._paid_fields(trade)
             fields |= {

@@ -87,6 +87,31 @@ class Trade:
     def fully_refunded(self) -> bool:
         return self.refunded >= self.amount
 
+    def pay(self, amount: Decimal | None, now: datetime) -> bool:
+        """Mark paid (True), or find it paid already (False: the caller re-sends, a late duplicate)."""
+        if self.status == "closed":
+            raise SandboxError(f"{self.out_trade_no} is closed")
+        if self.status != "pending":
+            return False
+        if amount is not None:
+            self.amount = amount
+        self.status, self.paid_at = "paid", now
+        return True
+
+    def take_refund(self, amount: Decimal | None) -> Decimal:
+        """Refund `amount` (all that is left when None) and return it."""
+        if self.status != "paid":
+            raise SandboxError(f"{self.out_trade_no} is not paid, nothing to refund")
+        remaining = self.amount - self.refunded
+        refund = remaining if amount is None else amount
+        if remaining <= 0:
+            raise SandboxError(f"{self.out_trade_no} is already fully refunded")
+        if refund > remaining:
+            raise SandboxError(f"refund {yuan(refund)} exceeds the refundable {yuan(remaining)}")
+        self.refunded += refund
+        self.refund_count += 1
+        return refund
+
 
 class TradeBook:
     """Trades by channel and merchant order number, oldest forgotten first past ``limit``."""

@@ -406,24 +406,11 @@ class WechatPayStandIn:
         refund = None
         # Each branch changes the trade before any await, so concurrent calls see a consistent record.
         if kind == "pay":
-            if trade.status == "closed":
-                raise SandboxError(f"{order_no} is closed")
-            if trade.status == "pending":
-                if amount is not None:
-                    trade.amount = amount
-                trade.status, trade.paid_at, trade.trade_no = "paid", now, wechat_transaction_id()
+            if trade.pay(amount, now):
+                trade.trade_no = wechat_transaction_id()
             build = self._payment_v2(trade) if version == "v2" else self._payment_v3(trade)
         elif kind == "refund":
-            if trade.status != "paid":
-                raise SandboxError(f"{order_no} is not paid, nothing to refund")
-            remaining = trade.amount - trade.refunded
-            refund = remaining if refund_amount is None else refund_amount
-            if remaining <= 0:
-                raise SandboxError(f"{order_no} is already fully refunded")
-            if refund > remaining:
-                raise SandboxError(f"refund {yuan(refund)} exceeds the refundable {yuan(remaining)}")
-            trade.refunded += refund
-            trade.refund_count += 1
+            refund = trade.take_refund(refund_amount)
             build = self._refund_v2(trade, refund) if version == "v2" else self._refund_v3(trade, refund)
         elif kind == "close":
             if trade.status == "paid":
