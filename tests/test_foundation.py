@@ -188,3 +188,11 @@ async def test_order_read_back_matches(client: httpx.AsyncClient) -> None:
     order = await admin_create_order(client, amount="12.50", subject="测试商品")
     assert order["status"] == "unpaid" and order["amount"] == "12.50"
     assert order["paid_amount"] == "0.00" and order["channel"] is None and order["trade_no"] is None
+
+
+async def test_notify_metrics_are_labelled_by_route(client: httpx.AsyncClient) -> None:
+    await client.post(
+        "/api/pay/notify", content=b"a=1", headers={"Content-Type": "application/x-www-form-urlencoded"}
+    )
+    body = (await client.get("/metrics")).text
+    assert 'mallgate_requests_total{method="POST",route="/api/pay/notify",status="200"}' in body

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
 
 from mallgate.channels import alipay, wechat_pay
 from mallgate.deps import ParamsDep, RuntimeDep, UserDep, client_ip
@@ -58,8 +59,19 @@ async def wechat_notify(request: Request) -> Response:
     return Response(content, status_code=status, media_type="application/json" if content else None)
 
 
-router.add_route("/pay/notify", alipay_notify, methods=["GET", "POST"], include_in_schema=False)
-router.add_route("/wechat/notify", wechat_notify, methods=["POST"], include_in_schema=False)
+def notify_routes() -> list[Route]:
+    """The notify URLs; app.py serves them on a lane of their own (see NotifyLane)."""
+    return [
+        Route("/pay/notify", alipay_notify, methods=["GET", "POST"]),
+        Route("/wechat/notify", wechat_notify, methods=["POST"]),
+    ]
+
+
+# Also on the router, so that a URL with a trailing slash or odd casing still finds them.
+for _route in notify_routes():
+    router.add_route(
+        _route.path, _route.endpoint, methods=list(_route.methods or []), include_in_schema=False
+    )
 
 
 @router.api_route("/order/payment", methods=["GET", "POST"])
