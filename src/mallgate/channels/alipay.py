@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from mallgate.channels.errors import ChannelError, ForeignNotification, MalformedNotification, NotAuthentic
+from mallgate.channels.http import PlatformClient
 from mallgate.clock import Clock, default_clock
 from mallgate.keys import KeyFormatError, load_private_key, load_public_key
 from mallgate.settings import AlipaySettings
@@ -75,8 +76,6 @@ def success() -> str:
 
 def failure() -> str:
     return FAILURE_BODY
-
-
 
 
 class AlipayApiError(ChannelError):
@@ -574,7 +573,7 @@ def wap_pay_url(
     return f"{settings.gateway_url}?{urlencode(sorted(params.items()))}"
 
 
-class AlipayClient:
+class AlipayClient(PlatformClient):
     """The calls mallgate makes to the gateway: signed with our key, answers checked with Alipay's."""
 
     def __init__(
@@ -594,18 +593,7 @@ class AlipayClient:
             raise ValueError(str(exc)) from exc
         self._settings = settings
         self._clock = clock
-        self._owns_http = http is None
-        self._http = http or httpx.AsyncClient(verify=True, timeout=timeout)
-
-    async def aclose(self) -> None:
-        if self._owns_http:
-            await self._http.aclose()
-
-    async def __aenter__(self) -> AlipayClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
+        super().__init__(http, timeout)
 
     async def call(self, method: str, biz_content: Mapping[str, Any]) -> dict[str, Any]:
         """Sign, post, verify; the verified ``<method>_response`` object."""

@@ -14,6 +14,7 @@ import httpx
 from cryptography.hazmat.primitives import serialization
 
 from mallgate.channels.errors import ChannelError, NotAuthentic
+from mallgate.channels.http import PlatformClient
 from mallgate.channels.wechat_pay_v2 import (
     ForeignNotification,
     MalformedNotification,
@@ -154,7 +155,7 @@ class PrepayResult:
     raw: dict[str, str]
 
 
-class WechatPayClient:
+class WechatPayClient(PlatformClient):
     """Calls to WeChat Pay: v2 XML signed with the API key, v3 signed with the merchant key.
 
     Every answer is verified before it is read: v2 by its ``sign``, v3 by its
@@ -173,19 +174,8 @@ class WechatPayClient:
         self._settings = settings
         self._clock = clock
         self._keys = keys
-        self._owns_http = http is None
-        self._http = http or httpx.AsyncClient(verify=True, timeout=timeout)
+        super().__init__(http, timeout)
         self._base = settings.api_base.rstrip("/")
-
-    async def aclose(self) -> None:
-        if self._owns_http:
-            await self._http.aclose()
-
-    async def __aenter__(self) -> WechatPayClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
 
     @property
     def keys(self) -> V3KeyStore | None:

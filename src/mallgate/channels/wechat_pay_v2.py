@@ -51,8 +51,6 @@ _XML_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 _FEN = re.compile(r"[0-9]{1,15}")
 
 
-
-
 _SEAL: Final = object()
 
 
