@@ -27,10 +27,15 @@ async def current_user(request: Request, runtime: RuntimeDep, params: ParamsDep)
     token = request.headers.get("auth-token") or str(params.get("token") or "")
     if not token:
         raise Unauthorized()
-    async with runtime.db.transaction() as session:
-        user = await tokens.resolve(session, token.strip(), runtime.clock.utcnow().replace(tzinfo=None))
-    if user is None:
+    now = runtime.clock.utcnow().replace(tzinfo=None)
+    async with runtime.db.read() as session:
+        found = await tokens.resolve(session, token.strip(), now)
+    if found is None:
         raise Unauthorized("登录已失效，请重新登录", "auth.invalid_token")
+    user, stored = found
+    if tokens.needs_touch(stored, now):
+        async with runtime.db.transaction() as session:
+            await tokens.touch(session, stored.id, now)
     return user
 
 

@@ -148,6 +148,9 @@ class Database:
             try:
                 yield session
             finally:
+                # Detach first: a rollback expires what the session holds, and the caller may
+                # still read the objects it loaded.
+                session.expunge_all()
                 await session.rollback()
 
     async def ping(self) -> None:

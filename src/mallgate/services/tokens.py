@@ -28,8 +28,8 @@ async def issue(session: AsyncSession, user_id: int, now: datetime, ttl: timedel
     return token
 
 
-async def resolve(session: AsyncSession, token: str, now: datetime) -> User | None:
-    """The user a live token belongs to; records its last use."""
+async def resolve(session: AsyncSession, token: str, now: datetime) -> tuple[User, Token] | None:
+    """The user a live token belongs to, with the token row (read only)."""
     if not looks_like_token(token):
         return None
     row = (
@@ -42,10 +42,16 @@ async def resolve(session: AsyncSession, token: str, now: datetime) -> User | No
     if row is None:
         return None
     stored, user = row
-    # Writing last use on every request would serialise readers; a minute's precision is plenty.
-    if stored.last_used_at is None or now - stored.last_used_at > timedelta(minutes=1):
-        await session.execute(update(Token).where(Token.id == stored.id).values(last_used_at=now))
-    return user
+    return user, stored
+
+
+def needs_touch(stored: Token, now: datetime) -> bool:
+    # Writing last use on every request would make every request a writer; a minute's precision is plenty.
+    return stored.last_used_at is None or now - stored.last_used_at > timedelta(minutes=1)
+
+
+async def touch(session: AsyncSession, token_id: int, now: datetime) -> None:
+    await session.execute(update(Token).where(Token.id == token_id).values(last_used_at=now))
 
 
 async def revoke_all(session: AsyncSession, user_id: int, now: datetime) -> None:
