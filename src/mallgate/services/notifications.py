@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from mallgate.channels.errors import ChannelError
 from mallgate.db.models import PaymentNotification, table_of
 from mallgate.runtime import Runtime
-from mallgate.services.orders import Applied, PaymentEvent, apply_event
+from mallgate.services.orders import Applied, PaymentEvent, apply_events
 
 log = logging.getLogger("mallgate.notify")
 
@@ -129,10 +129,6 @@ class GroupCommit:
             return UNAVAILABLE
 
 
-def _lock_key(item: _Pending) -> str:
-    return item.event.order_no if item.event else ""
-
-
 _INSERT_NOTIFICATION = insert(table_of(PaymentNotification))
 
 
@@ -144,13 +140,10 @@ def _store_and_apply(session: Session, batch: list[_Pending]) -> list[Applied]:
     when it was not; one multi-row INSERT keeps a batch cheap.
     """
     results: list[Applied] = [Applied(False, "rejected", item.refusal) for item in batch]
-    # Orders are locked in one global order (by number), so two batches in two processes
-    # never wait on each other's rows in a cycle (PostgreSQL/MySQL would break the deadlock
-    # only after a second).
-    for index in sorted(range(len(batch)), key=lambda i: _lock_key(batch[i])):
-        event = batch[index].event
-        if event is not None:
-            results[index] = apply_event(session, event, batch[index].received_at)
+    verified = [(i, item.event, item.received_at) for i, item in enumerate(batch) if item.event is not None]
+    applied = apply_events(session, [(event, now) for _, event, now in verified])
+    for (index, _, _), result in zip(verified, applied, strict=True):
+        results[index] = result
     session.connection().execute(
         _INSERT_NOTIFICATION,
         [

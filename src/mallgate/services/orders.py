@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -156,6 +157,7 @@ class Applied:
 # building a statement costs more than SQLite takes to run it.
 _orders = table_of(Order)
 _SELECT_ORDER = select(_orders).where(_orders.c.order_no == bindparam("order_no"))
+_SELECT_ORDERS = select(_orders).where(_orders.c.order_no.in_(bindparam("order_nos", expanding=True)))
 _REFRESH_ORDER = select(_orders).where(_orders.c.id == bindparam("order_id"))
 _TRADE_CLASH = select(_orders.c.order_no).where(
     _orders.c.channel == bindparam("channel"),
@@ -200,15 +202,34 @@ _CREDIT = (
 )
 
 
-def apply_event(session: Session, event: PaymentEvent, now: datetime) -> Applied:
-    """Apply one verified event inside the caller's transaction.
+def apply_events(session: Session, events: Sequence[tuple[PaymentEvent, datetime]]) -> list[Applied]:
+    """Apply verified events, in order-number order, inside the caller's transaction.
 
-    Synchronous on purpose: the group commit runs a whole batch of these in one
-    call (on a worker thread for SQLite, through `AsyncSession.run_sync` for the
-    others) instead of paying an event-loop round trip per statement.
+    Synchronous on purpose: the group commit runs a whole batch in one call (on a
+    worker thread for SQLite, through `AsyncSession.run_sync` for the others)
+    instead of paying an event-loop round trip per statement. The batch's orders
+    are read with one query; an order an event has changed is read again for the
+    next event about it. Orders are taken in one global order (by number), so two
+    batches in two processes never wait on each other's rows in a cycle.
     """
     conn = session.connection()
-    order = conn.execute(_SELECT_ORDER, {"order_no": event.order_no}).first()
+    numbers = sorted({event.order_no for event, _ in events})
+    known: dict[str, Row[Any] | None] = {
+        row.order_no: row for row in conn.execute(_SELECT_ORDERS, {"order_nos": numbers})
+    }
+    results: list[Applied] = [Applied(False, "rejected", "not applied")] * len(events)
+    for index in sorted(range(len(events)), key=lambda i: events[i][0].order_no):
+        event, now = events[index]
+        order = known.get(event.order_no)
+        if order is None and event.order_no in known:
+            order = conn.execute(_SELECT_ORDER, {"order_no": event.order_no}).first()
+        results[index] = result = _apply(conn, order, event, now)
+        if result.outcome == "applied":
+            known[event.order_no] = None  # changed: read it again if the batch names it again
+    return results
+
+
+def _apply(conn: Connection, order: Row[Any] | None, event: PaymentEvent, now: datetime) -> Applied:
     if order is None:
         return Applied(False, "rejected", "unknown order")
     if event.action == "pay":
