@@ -69,9 +69,9 @@ def serve(
 ) -> None:
     """Run the service; migrates the database first."""
     _configure_logging()
-    settings = load_settings()
-    env_public = os.environ.get("MALLGATE_PUBLIC_URL")
-    if not env_public:
+    # The workers read their settings from the environment, so what the options decide is put
+    # there; the settings are then read again, as the workers will read them.
+    if "public_url" not in load_settings().model_fields_set:  # neither environment nor .env
         # Returned links and the sandbox's callbacks must reach this very server.
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104
         os.environ["MALLGATE_PUBLIC_URL"] = f"http://{shown}:{port}"

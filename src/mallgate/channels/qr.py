@@ -117,12 +117,6 @@ def _layout(width: int) -> _Layout:
     )
 
 
-def warm_up(max_version: int = 40) -> None:
-    """Precompute the per-size tables (about 0.5 s for all 40 versions) so no request pays for them."""
-    for version in range(1, max_version + 1):
-        _layout(17 + 4 * version)
-
-
 def _split(bits: int, width: int) -> list[str]:
     text = format(bits, f"0{width * width}b")
     return [text[i : i + width] for i in range(0, width * width, width)]
