@@ -62,3 +62,33 @@ async def test_upgrade_from_empty_downgrade_and_again(empty_url: str) -> None:
     assert not (set(Base.metadata.tables) & await _tables(empty_url))
     await asyncio.to_thread(upgrade, empty_url)
     assert set(Base.metadata.tables) <= await _tables(empty_url)
+
+
+async def test_0002_keeps_existing_wallet_credits(empty_url: str) -> None:
+    """Ledger rows written before the cause key get one (`credit:<order_no>`), on every database."""
+    from sqlalchemy import text
+
+    await asyncio.to_thread(upgrade, empty_url, "0001")
+    engine = engine_for(empty_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO users (id, nickname, avatar, group_name, sex, point, balance, shop_count,"
+                    " coupon_count, last_ip, created_at) VALUES (1, '', '', '', 0, 0, 9.90, 0, 0, '',"
+                    " '2026-01-01 00:00:00')"
+                )
+            )
+            await conn.execute(
+                text(
+                    "INSERT INTO wallet_entries (user_id, order_no, amount, created_at)"
+                    " VALUES (1, 'R1', 9.90, '2026-01-01 00:00:00')"
+                )
+            )
+        await asyncio.to_thread(upgrade, empty_url)
+        async with engine.connect() as conn:
+            keys = (await conn.execute(text("SELECT entry_key FROM wallet_entries"))).scalars().all()
+        assert keys == ["credit:R1"]
+        assert await _diff(empty_url) == []
+    finally:
+        await engine.dispose()

@@ -129,14 +129,34 @@ class Order(Base):
 
 
 class WalletEntry(Base):
-    """One credit per recharge order: the unique order_no makes a double credit impossible."""
+    """One movement of a wallet: a credit per paid recharge, a debit per refund of one.
+
+    `entry_key` names the cause (`credit:<order_no>`, `refund:<channel>:<refund_no>`) and is
+    unique, so the same cause can never move the balance twice.
+    """
 
     __tablename__ = "wallet_entries"
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     user_id: Mapped[int] = mapped_column(Id, ForeignKey("users.id"), index=True)
-    order_no: Mapped[str] = mapped_column(String(64), unique=True)
+    order_no: Mapped[str] = mapped_column(String(64), index=True)
+    entry_key: Mapped[str] = mapped_column(String(191), unique=True)
+    amount: Mapped[Decimal] = mapped_column(Money)  # negative for a debit
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class DuplicatePayment(Base):
+    """A second payment of an already paid order, once per (channel, trade_no): it is owed back."""
+
+    __tablename__ = "duplicate_payments"
+    __table_args__ = (UniqueConstraint("channel", "trade_no"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    order_no: Mapped[str] = mapped_column(String(64), index=True)
+    channel: Mapped[str] = mapped_column(String(16))
+    trade_no: Mapped[str] = mapped_column(String(64))
     amount: Mapped[Decimal] = mapped_column(Money)
+    refunded_amount: Mapped[Decimal] = mapped_column(Money, default=Decimal("0.00"))
     created_at: Mapped[datetime] = mapped_column(DateTime)
 
 
@@ -170,7 +190,10 @@ class PaymentNotification(Base):
     method: Mapped[str] = mapped_column(String(8), default="POST")
     query_string: Mapped[str] = mapped_column(LongText, default="")
     headers: Mapped[str] = mapped_column(LongText, default="{}")
+    # A refused body is kept truncated; its full length and SHA-256 still identify it.
     body: Mapped[bytes] = mapped_column(Blob, default=b"")
+    body_length: Mapped[int] = mapped_column(Integer, default=0)
+    body_sha256: Mapped[str] = mapped_column(String(64), default="")
     verified: Mapped[bool] = mapped_column(Boolean, default=False)
     outcome: Mapped[str] = mapped_column(String(24), default="received")
     reason: Mapped[str] = mapped_column(String(255), default="")

@@ -270,7 +270,13 @@ def _pay(conn: Connection, order: Row[Any], event: PaymentEvent, now: datetime) 
         # The ledger row's unique order_no is a second lock on "credit once", should the status check fail.
         conn.execute(
             insert(table_of(WalletEntry)),
-            {"user_id": order.user_id, "order_no": order.order_no, "amount": order.amount, "created_at": now},
+            {
+                "user_id": order.user_id,
+                "order_no": order.order_no,
+                "entry_key": f"credit:{order.order_no}",
+                "amount": order.amount,
+                "created_at": now,
+            },
         )
         conn.execute(_CREDIT, {"user_id": order.user_id, "amount": order.amount})
     outbox.add_event(
