@@ -14,7 +14,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from mallgate.db.models import Money, Order, PaymentNotification, Refund, User, WalletEntry, table_of
+from mallgate.db.models import (
+    DuplicatePayment,
+    Money,
+    Order,
+    PaymentNotification,
+    Refund,
+    User,
+    WalletEntry,
+    table_of,
+)
 from mallgate.envelope import ApiError
 from mallgate.services import outbox
 
@@ -192,14 +201,32 @@ _REFUND = (
         refunded_amount=bindparam("new_total"), status=bindparam("new_status"), updated_at=bindparam("now")
     )
 )
-_REFUND_SEEN = select(table_of(Refund).c.id).where(
-    table_of(Refund).c.channel == bindparam("channel"), table_of(Refund).c.refund_no == bindparam("refund_no")
+_refunds = table_of(Refund)
+_duplicates = table_of(DuplicatePayment)
+_users = table_of(User)
+_REFUND_SEEN = select(_refunds.c.id).where(
+    _refunds.c.channel == bindparam("channel"), _refunds.c.refund_no == bindparam("refund_no")
 )
-_CREDIT = (
-    update(table_of(User))
-    .where(table_of(User).c.id == bindparam("user_id"))
-    .values(balance=table_of(User).c.balance + bindparam("amount", type_=Money))
+_INSERT_REFUND = insert(_refunds)
+_SELECT_DUPLICATE = select(_duplicates).where(
+    _duplicates.c.channel == bindparam("channel"), _duplicates.c.trade_no == bindparam("trade_no")
 )
+_INSERT_DUPLICATE = insert(_duplicates)
+_REFUND_DUPLICATE = (
+    update(_duplicates)
+    .where(
+        _duplicates.c.id == bindparam("duplicate_id"),
+        _duplicates.c.refunded_amount == bindparam("current"),
+    )
+    .values(refunded_amount=bindparam("new_total"))
+)
+_INSERT_WALLET_ENTRY = insert(table_of(WalletEntry))
+_MOVE_BALANCE = (
+    update(_users)
+    .where(_users.c.id == bindparam("user_id"))
+    .values(balance=_users.c.balance + bindparam("amount", type_=Money))
+)
+_BALANCE = select(_users.c.balance).where(_users.c.id == bindparam("user_id"))
 
 
 def apply_events(session: Session, events: Sequence[tuple[PaymentEvent, datetime]]) -> list[Applied]:
@@ -267,18 +294,8 @@ def _pay(conn: Connection, order: Row[Any], event: PaymentEvent, now: datetime) 
         # Another transaction paid it between our read and our write.
         return _already_paid(conn, conn.execute(_REFRESH_ORDER, {"order_id": order.id}).one(), event, now)
     if order.kind == "recharge" and order.user_id is not None:
-        # The ledger row's unique order_no is a second lock on "credit once", should the status check fail.
-        conn.execute(
-            insert(table_of(WalletEntry)),
-            {
-                "user_id": order.user_id,
-                "order_no": order.order_no,
-                "entry_key": f"credit:{order.order_no}",
-                "amount": order.amount,
-                "created_at": now,
-            },
-        )
-        conn.execute(_CREDIT, {"user_id": order.user_id, "amount": order.amount})
+        # The ledger row's unique entry_key is a second lock on "credit once", should the status check fail.
+        _move_wallet(conn, order.user_id, order.order_no, f"credit:{order.order_no}", order.amount, now)
     outbox.add_event(
         conn,
         "order.paid",
@@ -298,7 +315,11 @@ def _pay(conn: Connection, order: Row[Any], event: PaymentEvent, now: datetime) 
 def _already_paid(conn: Connection, order: Row[Any], event: PaymentEvent, now: datetime) -> Applied:
     if order.channel == event.channel and order.trade_no == event.trade_no:
         return Applied(True, "duplicate", "already paid")
-    # Paid twice (two channels, or two trades): the money is real, so accept it and raise it for a refund.
+    # Paid twice (two channels, or two trades): the money is real, so accept it and raise it for a
+    # refund, once per second trade however often the platform delivers it.
+    due = f"already {order.status} by {order.channel} {order.trade_no}: refund due"
+    if not _record_duplicate(conn, order, event, now):
+        return Applied(True, "duplicate", f"second payment recorded before; {due}")
     outbox.add_event(
         conn,
         "order.paid_twice",
@@ -310,9 +331,32 @@ def _already_paid(conn: Connection, order: Row[Any], event: PaymentEvent, now: d
         },
         now,
     )
-    return Applied(
-        True, "duplicate", f"already {order.status} by {order.channel} {order.trade_no}: refund due"
-    )
+    return Applied(True, "duplicate", due)
+
+
+def _record_duplicate(conn: Connection, order: Row[Any], event: PaymentEvent, now: datetime) -> bool:
+    """Record a second payment once per (channel, trade_no); False when it already was."""
+    trade = {"channel": event.channel, "trade_no": event.trade_no}
+    if conn.execute(_SELECT_DUPLICATE, trade).first() is not None:
+        return False
+    try:
+        # Another transaction may be recording the same trade right now: the unique key then refuses
+        # this insert (PostgreSQL once the other commits; MySQL also when our snapshot predates it),
+        # and the savepoint undoes just the insert instead of spoiling the whole batch.
+        with conn.begin_nested():
+            conn.execute(
+                _INSERT_DUPLICATE,
+                {
+                    **trade,
+                    "order_no": order.order_no,
+                    "amount": event.amount,
+                    "refunded_amount": Decimal("0.00"),
+                    "created_at": now,
+                },
+            )
+    except IntegrityError:
+        return False
+    return True
 
 
 def _close(conn: Connection, order: Row[Any], now: datetime) -> Applied:
@@ -322,28 +366,26 @@ def _close(conn: Connection, order: Row[Any], now: datetime) -> Applied:
 
 
 def _refund(conn: Connection, order: Row[Any], event: PaymentEvent, now: datetime) -> Applied:
-    if order.channel is not None and order.channel != event.channel:
-        return Applied(False, "rejected", f"order was paid by {order.channel}")
     if event.refund_total is None and (event.refund_amount is None or not event.refund_no):
         return Applied(False, "rejected", "refund without amount or id")
-    if order.status not in REFUNDABLE:
-        return Applied(True, "ignored", f"order is {order.status}")
+    if event.trade_no and (event.channel, event.trade_no) != (order.channel, order.trade_no):
+        # Refunds are matched by trade: one of a recorded second payment pays back that trade.
+        duplicate = conn.execute(
+            _SELECT_DUPLICATE, {"channel": event.channel, "trade_no": event.trade_no}
+        ).first()
+        if duplicate is not None and duplicate.order_no == order.order_no:
+            return _refund_duplicate(conn, duplicate, event, now)
+    if order.status in PAYABLE:
+        # Platforms do not promise order: a refund can outrun its payment's notice. Failure makes
+        # the platform send it again, by when the payment (its notice, or `mallgate reconcile`) is in.
+        return Applied(False, "rejected", f"refund before payment: order is {order.status}")
+    if order.channel != event.channel:
+        return Applied(False, "rejected", f"order was paid by {order.channel}")
     current: Decimal = order.refunded_amount
-    if event.refund_total is not None:
-        # Alipay reports the running total: an older or repeated total changes nothing.
-        new_total = max(current, event.refund_total)
-        refund_no = f"{event.refund_no or event.trade_no}@{new_total}"
-    else:
-        assert event.refund_amount is not None
-        new_total = current + event.refund_amount
-        refund_no = event.refund_no
-    if (
-        new_total == current
-        or conn.execute(_REFUND_SEEN, {"channel": event.channel, "refund_no": refund_no}).first()
-    ):
-        return Applied(True, "duplicate", "refund already recorded")
-    if new_total > order.amount:
-        return Applied(False, "rejected", f"refunds {new_total} exceed the order's {order.amount}")
+    step = _next_refund(conn, event, current, order.amount, "order")
+    if isinstance(step, Applied):
+        return step
+    new_total, refund_no = step
     new_status = "refunded" if new_total == order.amount else "partially_refunded"
     changed = conn.execute(
         _REFUND,
@@ -358,17 +400,9 @@ def _refund(conn: Connection, order: Row[Any], event: PaymentEvent, now: datetim
     if changed.rowcount != 1:
         # A concurrent refund moved the total: fail this one; the platform sends it again.
         return Applied(False, "rejected", "refund raced another update; will be retried")
-    # Unique (channel, refund_no): should two transactions get here with the same refund, one fails.
-    conn.execute(
-        insert(table_of(Refund)),
-        {
-            "order_no": order.order_no,
-            "channel": event.channel,
-            "refund_no": refund_no,
-            "amount": new_total - current,
-            "created_at": now,
-        },
-    )
+    _record_refund(conn, order.order_no, event, refund_no, new_total - current, now)
+    if order.kind == "recharge" and order.user_id is not None:
+        _debit_wallet(conn, order, event.channel, refund_no, new_total - current, now)
     outbox.add_event(
         conn,
         "order.refunded",
@@ -376,3 +410,116 @@ def _refund(conn: Connection, order: Row[Any], event: PaymentEvent, now: datetim
         now,
     )
     return Applied(True, "applied", f"refunded {_money(new_total)} in all")
+
+
+def _next_refund(
+    conn: Connection, event: PaymentEvent, current: Decimal, limit: Decimal, what: str
+) -> tuple[Decimal, str] | Applied:
+    """The refunded total after this refund and the key recording it, or why nothing changes."""
+    if event.refund_total is not None:
+        # Alipay reports the trade's running total: an older or repeated total changes nothing,
+        # and a trade reaches each total once, so (trade, total) names the refund.
+        new_total = max(current, event.refund_total)
+        refund_no = f"{event.trade_no or event.refund_no}@{new_total}"
+    else:
+        assert event.refund_amount is not None
+        new_total = current + event.refund_amount
+        refund_no = event.refund_no
+    if (
+        new_total == current
+        or conn.execute(_REFUND_SEEN, {"channel": event.channel, "refund_no": refund_no}).first()
+    ):
+        return Applied(True, "duplicate", "refund already recorded")
+    if new_total > limit:
+        return Applied(False, "rejected", f"refunds {new_total} exceed the {what}'s {limit}")
+    return new_total, refund_no
+
+
+def _record_refund(
+    conn: Connection, order_no: str, event: PaymentEvent, refund_no: str, amount: Decimal, now: datetime
+) -> None:
+    # Unique (channel, refund_no): should two transactions get here with the same refund, one fails.
+    conn.execute(
+        _INSERT_REFUND,
+        {
+            "order_no": order_no,
+            "channel": event.channel,
+            "refund_no": refund_no,
+            "amount": amount,
+            "created_at": now,
+        },
+    )
+
+
+def _refund_duplicate(conn: Connection, duplicate: Row[Any], event: PaymentEvent, now: datetime) -> Applied:
+    """A refund of a second payment pays back that trade; the order's own refunds stay as they are."""
+    current: Decimal = duplicate.refunded_amount
+    step = _next_refund(conn, event, current, duplicate.amount, "duplicate payment")
+    if isinstance(step, Applied):
+        return step
+    new_total, refund_no = step
+    changed = conn.execute(
+        _REFUND_DUPLICATE, {"duplicate_id": duplicate.id, "current": current, "new_total": new_total}
+    )
+    if changed.rowcount != 1:
+        return Applied(False, "rejected", "refund raced another update; will be retried")
+    _record_refund(conn, duplicate.order_no, event, refund_no, new_total - current, now)
+    outbox.add_event(
+        conn,
+        "order.duplicate_refunded",
+        {
+            "order_no": duplicate.order_no,
+            "channel": event.channel,
+            "trade_no": duplicate.trade_no,
+            "amount": _money(duplicate.amount),
+            "refunded_amount": _money(new_total),
+        },
+        now,
+    )
+    return Applied(True, "applied", f"second payment refunded {_money(new_total)} in all")
+
+
+def _move_wallet(
+    conn: Connection, user_id: int, order_no: str, entry_key: str, amount: Decimal, now: datetime
+) -> None:
+    """One ledger row and the balance it moves; the row's unique key lets each cause move it once."""
+    conn.execute(
+        _INSERT_WALLET_ENTRY,
+        {
+            "user_id": user_id,
+            "order_no": order_no,
+            "entry_key": entry_key,
+            "amount": amount,
+            "created_at": now,
+        },
+    )
+    conn.execute(_MOVE_BALANCE, {"user_id": user_id, "amount": amount})
+
+
+def _debit_wallet(
+    conn: Connection, order: Row[Any], channel: str, refund_no: str, amount: Decimal, now: datetime
+) -> None:
+    """A refunded recharge takes its money back out of the wallet, below zero if it was spent."""
+    _move_wallet(conn, order.user_id, order.order_no, f"refund:{channel}:{refund_no}", -amount, now)
+    balance: Decimal = conn.execute(_BALANCE, {"user_id": order.user_id}).scalar_one()
+    outbox.add_event(
+        conn,
+        "wallet.debited",
+        {
+            "user_id": order.user_id,
+            "order_no": order.order_no,
+            "amount": _money(amount),
+            "balance_after": _money(balance),
+            "channel": channel,
+            "refund_no": refund_no,
+        },
+        now,
+    )
+    if balance < 0:
+        # The buyer has the money back and spent it too: someone has to collect the difference.
+        outbox.add_event(
+            conn,
+            "wallet.negative",
+            {"user_id": order.user_id, "order_no": order.order_no, "balance": _money(balance)},
+            now,
+        )
