@@ -591,7 +591,10 @@ async def test_tencent_provider_timeout() -> None:
 
 async def test_build_provider() -> None:
     async with httpx.AsyncClient() as http:
-        assert isinstance(build_provider(SmsSettings(), http, None), ConsoleProvider)
+        # Unset is no provider at all: the console one (codes in the log) only when chosen.
+        with pytest.raises(ValueError, match="no SMS provider"):
+            build_provider(SmsSettings(), http, None)
+        assert isinstance(build_provider(SmsSettings(provider="console"), http, None), ConsoleProvider)
         aliyun = build_provider(SmsSettings(provider="aliyun", aliyun=ALIYUN), http, None)
         assert isinstance(aliyun, AliyunSmsProvider)
         assert aliyun.name == "aliyun"

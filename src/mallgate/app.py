@@ -15,7 +15,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mallgate.clock import Clock
-from mallgate.envelope import install_handlers
+from mallgate.envelope import guarded, install_handlers
 from mallgate.middleware import BodyTooLarge, Gate, too_large_body
 from mallgate.routes import account, admin, health, login, payments, qrcode, sms
 from mallgate.runtime import Runtime
@@ -75,10 +75,10 @@ class NotifyLane:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         lane = self.lanes.get(scope["path"]) if scope["type"] == "http" else None
         if lane is None:
-            await self.app(scope, receive, send)
+            await guarded(self.app, scope, receive, send)
             return
         scope["app"] = self.app  # handlers find the runtime through request.app
-        await lane(scope, receive, send)
+        await guarded(lane, scope, receive, send)
 
 
 def create_app(
@@ -88,14 +88,13 @@ def create_app(
     settings = settings or Settings()
     if sandbox is not None:
         settings = settings.model_copy(update={"sandbox": sandbox})
+    # Refuses (SandboxRefused) a sandbox asked for beside real credentials, before any key is made.
+    settings, sandbox_url = service_settings(settings)
     sandbox_app = None
-    if settings.sandbox_enabled:
+    if sandbox_url is not None:
         sandbox_app = create_sandbox_app(
             settings.var_dir / "sandbox", service_url=settings.public_url.rstrip("/") + settings.base_path
         )
-    settings, sandbox_url = service_settings(
-        settings, sandbox_app.state.sandbox.keys if sandbox_app else None
-    )
     runtime = Runtime.create(settings, clock)
     runtime.sandbox_url = sandbox_url
 

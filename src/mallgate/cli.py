@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import logging.config
 import os
 import re
 import shutil
@@ -12,13 +13,14 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 import uvicorn
 from pydantic import ValidationError
 
 from mallgate.db.migrate import upgrade as migrate_upgrade
+from mallgate.parties import is_loopback, party_states, sandbox_problems, sandbox_wanted
 from mallgate.runtime import Runtime
 from mallgate.settings import Settings
 
@@ -42,11 +44,46 @@ def load_settings() -> Settings:
         raise typer.Exit(2) from None
 
 
+def refuse_to_start(problems: list[str]) -> None:
+    """One line per problem on stderr, then exit code 2 (the settings' own exit code)."""
+    for problem in problems:
+        typer.echo(f"mallgate: refusing to start: {problem}", err=True)
+    if problems:
+        raise typer.Exit(2)
+
+
+def log_parties(settings: Settings, *, sandbox: bool) -> None:
+    """What each third party is this run, so an operator sees at once what is real."""
+    states = list(party_states(settings, sandbox=sandbox))
+    log.info("third parties: %s", ", ".join(state.text() for state in states))
+    for state in states:
+        if state.state == "incomplete":
+            log.warning("%s is only partly configured: its routes refuse until it is complete", state.party)
+        if state.state == "console":
+            log.warning("MALLGATE_SMS__PROVIDER=console: SMS codes go to this log, not to phones")
+
+
+def log_config() -> dict[str, Any]:
+    """The logging set-up of the CLI and, given to uvicorn, of every worker process.
+
+    A worker is a fresh process with no logging configured, which drops every INFO line;
+    uvicorn applies its `log_config` in each worker it starts.
+    """
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+        "handlers": {
+            "stderr": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"}
+        },
+        "root": {"level": "INFO", "handlers": ["stderr"]},
+        # httpx logs every URL at INFO; platform URLs can carry tokens (access_token=...) in the query.
+        "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
+    }
+
+
 def _configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    # httpx logs every URL at INFO; platform URLs can carry tokens (access_token=...) in the query.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("httpcore").setLevel(logging.WARNING)
+    logging.config.dictConfig(log_config())
 
 
 @db_app.command("upgrade")
@@ -71,13 +108,20 @@ def serve(
     _configure_logging()
     # The workers read their settings from the environment, so what the options decide is put
     # there; the settings are then read again, as the workers will read them.
-    if "public_url" not in load_settings().model_fields_set:  # neither environment nor .env
-        # Returned links and the sandbox's callbacks must reach this very server.
-        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104
-        os.environ["MALLGATE_PUBLIC_URL"] = f"http://{shown}:{port}"
     if sandbox is not None:
         os.environ["MALLGATE_SANDBOX"] = "true" if sandbox else "false"
     settings = load_settings()
+    refuse_to_start(sandbox_problems(settings, host=host))
+    if "public_url" not in settings.model_fields_set:  # neither environment nor .env
+        if not is_loopback(host) and not sandbox_wanted(settings):
+            # The platforms would be handed notify URLs on 127.0.0.1, which they cannot reach.
+            refuse_to_start(
+                [f"serve --host {host} needs MALLGATE_PUBLIC_URL, the https:// base the platforms call"]
+            )
+        # Returned links and the sandbox's callbacks must reach this very server.
+        shown = host if is_loopback(host) else "127.0.0.1"
+        os.environ["MALLGATE_PUBLIC_URL"] = f"http://{shown}:{port}"
+        settings = load_settings()
     migrate_upgrade(settings.resolved_database_url)
     if workers > 1:
         metrics_dir = settings.var_dir / "prometheus"
@@ -85,22 +129,27 @@ def serve(
         metrics_dir.mkdir(parents=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
     db_kind = settings.resolved_database_url.split(":", 1)[0]
+    on = sandbox_wanted(settings)
     log.info(
-        "mallgate listening on http://%s:%d (api %s, database %s, sandbox %s, workers %d)",
+        "mallgate listening on http://%s:%d (api %s, database %s, sandbox %s, admin API %s, workers %d)",
         host,
         port,
         settings.base_path or "/",
         db_kind,
-        "on at " + settings.public_url.rstrip("/") + "/_sandbox/" if settings.sandbox_enabled else "off",
+        "on at " + settings.public_url.rstrip("/") + "/_sandbox/" if on else "off",
+        "on" if settings.admin_token else "off",
         workers,
     )
+    log_parties(settings, sandbox=on)
     uvicorn.run(
         "mallgate.asgi:app",
         host=host,
         port=port,
         workers=workers,
-        proxy_headers=True,
-        forwarded_allow_ips=settings.forwarded_allow_ips,
+        # mallgate.forwarded reads X-Forwarded-For itself: uvicorn's reading, with '*', believed
+        # the leftmost address, the one the client writes.
+        proxy_headers=False,
+        log_config=log_config(),
         log_level="warning",
         access_log=False,
     )
@@ -121,6 +170,10 @@ def sandbox_cmd(
     from mallgate.sandbox.app import MOUNT, create_sandbox_app
 
     settings = load_settings()
+    if not is_loopback(host) and settings.sandbox is not True:
+        refuse_to_start(
+            [f"the sandbox would serve on {host}, not a loopback address: MALLGATE_SANDBOX=true to mean it"]
+        )
     sandbox = create_sandbox_app(settings.var_dir / "sandbox", service_url=service_url)
 
     @asynccontextmanager
@@ -136,9 +189,14 @@ def sandbox_cmd(
 
 def _runtime(settings: Settings) -> Runtime:
     """The runtime the service would have: with the sandbox on, the parties are its stand-ins."""
+    from mallgate.parties import SandboxRefused
     from mallgate.sandbox.app import service_settings
 
-    settings, sandbox_url = service_settings(settings)
+    try:
+        settings, sandbox_url = service_settings(settings)
+    except SandboxRefused as exc:
+        refuse_to_start(exc.problems)
+        raise
     runtime = Runtime.create(settings)
     runtime.sandbox_url = sandbox_url
     return runtime

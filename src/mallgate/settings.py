@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from mallgate.forwarded import parse_networks
 from mallgate.keys import KeyFormatError, load_private_key, load_public_key
 
 
@@ -128,7 +129,9 @@ class TencentSmsSettings(BaseModel):
 
 
 class SmsSettings(BaseModel):
-    provider: Literal["console", "aliyun", "tencent", "sandbox"] = "console"
+    # Unset: the sandbox's stand-in when the sandbox is on, else "not configured". `console`
+    # (codes in the log) only when chosen, never by default: it would hand codes to log readers.
+    provider: Literal["console", "aliyun", "tencent", "sandbox"] | None = None
     aliyun: AliyunSmsSettings = AliyunSmsSettings()
     tencent: TencentSmsSettings = TencentSmsSettings()
     code_ttl_seconds: int = Field(300, ge=30)
@@ -138,6 +141,9 @@ class SmsSettings(BaseModel):
     per_ip_hourly: int = Field(20, ge=0)
     global_daily: int = Field(10000, ge=0, description="cost breaker across all numbers")
     timeout_seconds: float = Field(5.0, gt=0, le=30)
+    # register/forget attempts, counted before the code is even read (one counter for both routes).
+    check_per_ip_hourly: int = Field(20, ge=1)
+    check_per_number_per_15min: int = Field(10, ge=1)
 
 
 class LoginSettings(BaseModel):
@@ -145,6 +151,11 @@ class LoginSettings(BaseModel):
 
     per_account_per_15min: int = Field(10, ge=1)
     per_ip_hourly: int = Field(100, ge=1)
+    # argon2 (login, register, forget) runs on worker threads: at most this many at once per
+    # process, at most `hash_queue` requests waiting up to `hash_wait_seconds`; beyond, "busy".
+    hash_concurrency: int = Field(2, ge=1, le=64)
+    hash_queue: int = Field(8, ge=0)
+    hash_wait_seconds: float = Field(1.0, ge=0, le=30)
 
 
 class TemplateSettings(BaseModel):
@@ -154,10 +165,30 @@ class TemplateSettings(BaseModel):
     refund_notice: str = ""
 
 
+class NotifySettings(BaseModel):
+    """The payment-notification intake: what forged notices may cost. Per worker process."""
+
+    refused_body_bytes: int = Field(
+        4096, ge=256, description="a refused (unverified) notice keeps this much of its body and query"
+    )
+    refused_per_ip_per_minute: int = Field(
+        60, ge=1, description="refused notices stored per source IP and minute; the rest answer failure unstored"
+    )
+    queue_limit: int = Field(
+        2048, ge=1, description="notices waiting for the group commit; beyond it answer failure (busy)"
+    )
+
+
 class QrcodeSettings(BaseModel):
     per_ip_per_minute: int = Field(120, ge=0)
     cache_entries: int = Field(512, ge=0)
     max_size: int = Field(20, ge=1, le=50, description="largest pixels per module")
+
+
+# A guessable admin token guards money: refused at start-up rather than accepted.
+MIN_ADMIN_TOKEN = 16
+# The SMS code hashes are only as strong as this key: a short one is guessed from a dump.
+MIN_SECRET_KEY = 32
 
 
 class Settings(BaseSettings):
@@ -172,16 +203,24 @@ class Settings(BaseSettings):
     var_dir: Path = Path("var")
     public_url: str = "http://127.0.0.1:8000"
     admin_token: str = ""
+    secret_key: str = Field(
+        "",
+        description="keys the SMS code hashes; unset: generated once into <var_dir>/secret_key. "
+        "Set it (the same on every machine) when several machines share the database",
+    )
     base_path: str = "/api"
     sandbox: bool | None = Field(
-        None, description="run the built-in stand-in of every third party (default: when no credentials)"
+        None,
+        description="run the built-in stand-in of every third party (default: only while no credential "
+        "of any party is set); see mallgate.parties",
     )
     body_limit: int = Field(1024 * 1024, ge=1024)
     notify_body_limit: int = Field(64 * 1024, ge=1024)
     token_ttl_days: int = Field(30, ge=1)
     forwarded_allow_ips: str = Field(
         "127.0.0.1",
-        description="proxies whose X-Forwarded-For/-Proto are believed (uvicorn); '*' behind a private LB",
+        description="your own reverse proxies, comma-separated IPs or CIDRs (never '*'): X-Forwarded-For "
+        "is believed only from them, read from the right (see mallgate.forwarded)",
     )
     db_timeout_seconds: float = Field(2.0, gt=0)
     recharge_max: Decimal = Field(Decimal("50000.00"), gt=0)
@@ -198,6 +237,26 @@ class Settings(BaseSettings):
     templates: TemplateSettings = TemplateSettings()
     login: LoginSettings = LoginSettings()
     qrcode: QrcodeSettings = QrcodeSettings()
+    notify: NotifySettings = NotifySettings()
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _proxy_networks(cls, value: str) -> str:
+        return ",".join(str(network) for network in parse_networks(value))
+
+    @field_validator("admin_token")
+    @classmethod
+    def _admin_token_length(cls, value: str) -> str:
+        if value and len(value) < MIN_ADMIN_TOKEN:
+            raise ValueError(f"must be at least {MIN_ADMIN_TOKEN} characters (empty turns the admin API off)")
+        return value
+
+    @field_validator("secret_key")
+    @classmethod
+    def _secret_key_length(cls, value: str) -> str:
+        if value and len(value) < MIN_SECRET_KEY:
+            raise ValueError(f"must be at least {MIN_SECRET_KEY} characters (empty: generated into var/)")
+        return value
 
     @field_validator("base_path")
     @classmethod
@@ -210,11 +269,3 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite+aiosqlite:///{(self.var_dir / 'mallgate.db').as_posix()}"
-
-    @property
-    def has_credentials(self) -> bool:
-        return self.alipay.configured or self.wechat_pay.configured or bool(self.wechat_mp.app_id)
-
-    @property
-    def sandbox_enabled(self) -> bool:
-        return self.sandbox if self.sandbox is not None else not self.has_credentials

@@ -111,6 +111,8 @@ def build_provider(settings: SmsSettings, http: httpx.AsyncClient, sandbox_url: 
     from mallgate.channels.sms_aliyun import AliyunSmsProvider
     from mallgate.channels.sms_tencent import TencentSmsProvider
 
+    if settings.provider is None:
+        raise ValueError("no SMS provider is configured")
     if settings.provider == "console":
         return ConsoleProvider()
     if settings.provider == "aliyun":

@@ -294,7 +294,7 @@ class AlipayStandIn:
         amount: Decimal | None = None,
         refund_amount: Decimal | None = None,
         duplicates: int = 0,
-        notify_url: str | None = None,
+        notify: bool = True,
     ) -> Outcome:
         if not order_no:
             raise SandboxError("order_no is required")
@@ -339,7 +339,11 @@ class AlipayStandIn:
             }
         else:
             raise SandboxError(f"unknown kind {kind!r}")
-        url = notify_url or trade.notify_url or self.default_notify_url
+        # Always the service's own notify URL, whatever a request named: the sandbox must never
+        # become a way to make this machine POST (and retry) to an address of someone's choosing.
+        url = self.default_notify_url
+        if not notify:
+            return Outcome(kind, trade, url, [], refund_amount=refund, note="recorded, not notified")
         deliveries = await self._notifier.deliver(
             "alipay", url, self._builder(fields), order_no=order_no, kind=kind, duplicates=duplicates
         )

@@ -8,15 +8,21 @@ service's channel code runs unchanged against them.
 from __future__ import annotations
 
 import html
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import HTMLResponse
+from pydantic import BaseModel
 
+from mallgate.parties import SandboxRefused, sandbox_problems, sandbox_wanted
 from mallgate.sandbox.keys import SandboxKeys
 from mallgate.settings import Settings
+
+log = logging.getLogger("mallgate.sandbox")
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 MOUNT = "/_sandbox"
 ALIPAY_APP_ID = "2021000000000001"
@@ -58,65 +64,83 @@ class SandboxState:
             await resource.aclose()
 
 
-def sandbox_settings(settings: Settings, sandbox_url: str, keys: SandboxKeys) -> Settings:
-    """The service's settings with every third party pointed at the sandbox."""
+def _fill(model: ModelT, values: dict[str, Any], kept: list[str], prefix: str) -> ModelT:
+    """`model` with `values` put only where the operator left the setting unset."""
+    given = {
+        name
+        for name in values
+        if name in model.model_fields_set and getattr(model, name) not in ("", None)
+    }
+    kept.extend(f"{prefix}__{name.upper()}" for name in sorted(given))
+    return model.model_copy(update={k: v for k, v in values.items() if k not in given})
+
+
+def sandbox_settings(settings: Settings, sandbox_url: str, keys: SandboxKeys) -> tuple[Settings, list[str]]:
+    """The service's settings with every third party pointed at the sandbox.
+
+    Only what the operator left unset is filled in: a setting they gave is never
+    overwritten (the names of those kept are returned, for the start-up log).
+    """
     from mallgate.keys import load_private_key, public_pem
 
-    update = {
-        "alipay": settings.alipay.model_copy(
-            update={
-                "app_id": ALIPAY_APP_ID,
-                "public_key": keys.alipay_platform_public,
-                "private_key": keys.alipay_merchant_private,
-                "sign_type": "RSA2",
-                "seller_id": ALIPAY_SELLER_ID,
-                "gateway_url": f"{sandbox_url}/alipay/gateway.do",
-            }
-        ),
-        "wechat_pay": settings.wechat_pay.model_copy(
-            update={
-                "app_id": WECHAT_MINI_APP_ID,
-                "mch_id": WECHATPAY_MCH_ID,
-                "api_key": keys.wechatpay_api_key,
-                "api_v3_key": keys.wechatpay_api_v3_key,
-                "public_key": public_pem(load_private_key(keys.wechatpay_platform_private).public_key()),
-                "public_key_id": keys.wechatpay_public_key_id,
-                "mch_private_key": keys.wechatpay_merchant_private,
-                "mch_serial_no": "5A000000000000000000000000000000000000A1",
-                "api_base": f"{sandbox_url}/wechatpay",
-            }
-        ),
-        "wechat_mp": settings.wechat_mp.model_copy(
-            update={
-                "app_id": WECHAT_MP_APP_ID,
-                "app_secret": keys.wechat_app_secret,
-                "token": keys.wechat_mp_token,
-                "aes_key": keys.wechat_mp_aes_key,
-            }
-        ),
-        "wechat_mini": settings.wechat_mini.model_copy(
-            update={"app_id": WECHAT_MINI_APP_ID, "app_secret": keys.wechat_app_secret}
-        ),
-        "wechat_app": settings.wechat_app.model_copy(
-            update={"app_id": WECHAT_APP_APP_ID, "app_secret": keys.wechat_app_secret}
-        ),
-        "wechat": settings.wechat.model_copy(update={"api_base": f"{sandbox_url}/wechat"}),
-        "qq": settings.qq.model_copy(update={"app_id": QQ_APP_ID, "api_base": f"{sandbox_url}/qq"}),
-        "apple": settings.apple.model_copy(
-            update={"bundle_id": APPLE_BUNDLE_ID, "keys_url": f"{sandbox_url}/apple/auth/keys"}
-        ),
-        "sms": settings.sms.model_copy(update={"provider": "sandbox"}),
+    kept: list[str] = []
+    parties: dict[str, dict[str, Any]] = {
+        "alipay": {
+            "app_id": ALIPAY_APP_ID,
+            "public_key": keys.alipay_platform_public,
+            "private_key": keys.alipay_merchant_private,
+            "sign_type": "RSA2",
+            "seller_id": ALIPAY_SELLER_ID,
+            "gateway_url": f"{sandbox_url}/alipay/gateway.do",
+        },
+        "wechat_pay": {
+            "app_id": WECHAT_MINI_APP_ID,
+            "mch_id": WECHATPAY_MCH_ID,
+            "api_key": keys.wechatpay_api_key,
+            "api_v3_key": keys.wechatpay_api_v3_key,
+            "public_key": public_pem(load_private_key(keys.wechatpay_platform_private).public_key()),
+            "public_key_id": keys.wechatpay_public_key_id,
+            "mch_private_key": keys.wechatpay_merchant_private,
+            "mch_serial_no": "5A000000000000000000000000000000000000A1",
+            "api_base": f"{sandbox_url}/wechatpay",
+        },
+        "wechat_mp": {
+            "app_id": WECHAT_MP_APP_ID,
+            "app_secret": keys.wechat_app_secret,
+            "token": keys.wechat_mp_token,
+            "aes_key": keys.wechat_mp_aes_key,
+        },
+        "wechat_mini": {"app_id": WECHAT_MINI_APP_ID, "app_secret": keys.wechat_app_secret},
+        "wechat_app": {"app_id": WECHAT_APP_APP_ID, "app_secret": keys.wechat_app_secret},
+        "wechat": {"api_base": f"{sandbox_url}/wechat"},
+        "qq": {"app_id": QQ_APP_ID, "api_base": f"{sandbox_url}/qq"},
+        "apple": {"bundle_id": APPLE_BUNDLE_ID, "keys_url": f"{sandbox_url}/apple/auth/keys"},
+        "sms": {"provider": "sandbox"},
     }
-    return settings.model_copy(update=update)
+    update: dict[str, Any] = {
+        party: _fill(getattr(settings, party), values, kept, f"MALLGATE_{party.upper()}")
+        for party, values in parties.items()
+    }
+    update["sandbox"] = True
+    return settings.model_copy(update=update), kept
 
 
 def service_settings(settings: Settings, keys: SandboxKeys | None = None) -> tuple[Settings, str | None]:
-    """The settings the service runs with, and the sandbox URL when the sandbox is on."""
-    if not settings.sandbox_enabled:
+    """The settings the service runs with, and the sandbox URL when the sandbox is on.
+
+    Raises SandboxRefused when the sandbox was asked for beside real credentials.
+    """
+    problems = sandbox_problems(settings)
+    if problems:
+        raise SandboxRefused(problems)
+    if not sandbox_wanted(settings):
         return settings, None
     url = settings.public_url.rstrip("/") + MOUNT
     keys = keys or SandboxKeys.load_or_create(settings.var_dir / "sandbox")
-    return sandbox_settings(settings, url, keys), url
+    filled, kept = sandbox_settings(settings, url, keys)
+    if kept:
+        log.warning("sandbox: kept these settings as given instead of the stand-ins': %s", ", ".join(kept))
+    return filled, url
 
 
 def _standins(state: SandboxState) -> list[StandIn]:
@@ -136,18 +160,20 @@ def create_sandbox_app(folder: Path, service_url: str = "") -> FastAPI:
         app.include_router(standin.router)
 
     @app.get("/", response_class=HTMLResponse)
-    async def index() -> str:
+    async def index() -> HTMLResponse:
+        from mallgate.sandbox.pages import page
+
         items = "".join(
             f"<li><b>{html.escape(s.name)}</b>: {html.escape(s.summary)}"
             + "".join(f' <a href="{MOUNT}{html.escape(u)}">{html.escape(t)}</a>' for t, u in s.links)
             + "</li>"
             for s in state.standins
         )
-        return (
-            "<!doctype html><meta charset=utf-8><title>mallgate sandbox</title>"
-            "<h1>mallgate sandbox</h1><p>Local stand-ins of the third parties, with their own keys "
+        return page(
+            "mallgate sandbox",
+            "<p>Local stand-ins of the third parties, with their own keys "
             f"(kept in {html.escape(str(folder))}). Service: {html.escape(state.service_url or '-')}</p>"
-            f"<ul>{items or '<li>No stand-ins yet.</li>'}</ul>"
+            f"<ul>{items or '<li>No stand-ins yet.</li>'}</ul>",
         )
 
     return app

@@ -45,6 +45,13 @@ DEFAULT_MINUTE: Final = 0.05
 # The platforms give up on a merchant after a few seconds; waiting longer would hide a slow handler.
 DEFAULT_TIMEOUT: Final = httpx.Timeout(5.0, connect=3.0)
 _BODY_SHOWN: Final = 500
+# Deliveries whose retries are still running, duplicates included: a flood of "pay" calls must not
+# turn into an unbounded number of background tasks posting to the service.
+MAX_IN_FLIGHT: Final = 100
+
+
+class TooManyInFlight(Exception):
+    """The notifier is already retrying as many deliveries as it may."""
 
 
 def accepted(protocol: Protocol, status: int, body: bytes) -> bool:
@@ -139,10 +146,12 @@ class Notifier:
         timeout: httpx.Timeout = DEFAULT_TIMEOUT,
         log_size: int = 200,
         clock: Clock = default_clock,
+        max_in_flight: int = MAX_IN_FLIGHT,
     ) -> None:
         if minute < 0:
             raise ValueError("minute must not be negative")
         self.minute = minute
+        self.max_in_flight = max_in_flight
         self._clock = clock
         self._owns_http = http is None
         self._http = http or httpx.AsyncClient(timeout=timeout, follow_redirects=False)
@@ -173,7 +182,13 @@ class Notifier:
         duplicates: int = 0,
     ) -> list[Delivery]:
         """Send now (plus ``duplicates`` identical copies, all at once, as the platforms sometimes
-        do), wait for each first answer, and leave the retries to background tasks."""
+        do), wait for each first answer, and leave the retries to background tasks.
+
+        Raises TooManyInFlight, sending nothing, when that would pass `max_in_flight`."""
+        if len(self._tasks) + duplicates + 1 > self.max_in_flight:
+            raise TooManyInFlight(
+                f"{len(self._tasks)} notifications are still being delivered (at most {self.max_in_flight})"
+            )
         deliveries = [
             Delivery(id=next(self._ids), protocol=protocol, url=url, order_no=order_no, kind=kind, copy=i)
             for i in range(duplicates + 1)

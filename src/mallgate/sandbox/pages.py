@@ -20,13 +20,19 @@ _STYLE = (
     "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .5em;text-align:left;"
     "vertical-align:top}code{font-size:.9em}.ok{color:#080}.bad{color:#b00}"
     "button{font-size:1.2em;padding:.3em 1.5em}label{display:block;margin:.3em 0}"
+    ".sandbox-banner{background:#b00;color:#fff;font-weight:bold;padding:.4em 1em;text-align:center;"
+    "letter-spacing:.1em}"
+)
+# On every page, so nobody takes a stand-in's cashier or inbox for the real platform's.
+BANNER = (
+    "<div class=sandbox-banner role=alert>SANDBOX · 沙箱环境：以下均为本地模拟，不涉及真实资金与短信</div>"
 )
 
 
 def page(title: str, body: str, status_code: int = 200) -> HTMLResponse:
     return HTMLResponse(
         f"<!doctype html><meta charset=utf-8><meta name=viewport content='width=device-width'>"
-        f"<title>{escape(title)}</title><style>{_STYLE}</style><h1>{escape(title)}</h1>{body}",
+        f"<title>{escape(title)}</title><style>{_STYLE}</style>{BANNER}<h1>{escape(title)}</h1>{body}",
         status_code=status_code,
     )
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mallgate.envelope import fail, ok
 from mallgate.sandbox.alipay_standin import AlipayStandIn
-from mallgate.sandbox.notifier import Notifier
+from mallgate.sandbox.notifier import Notifier, TooManyInFlight
 from mallgate.sandbox.pages import deliveries_table, page
 from mallgate.sandbox.trades import Outcome, SandboxError, TradeBook, parse_yuan
 from mallgate.sandbox.wechatpay_standin import WechatPayStandIn
@@ -43,7 +43,8 @@ class PayRequest(BaseModel):
     duplicates: int = Field(0, ge=0, le=MAX_DUPLICATES)
     kind: Literal["pay", "refund", "close"] = "pay"
     refund_amount: str | None = None
-    notify_url: str | None = Field(None, pattern=r"^https?://")
+    # false: the platform records the change but its notice never arrives (for trying reconcile).
+    notify: bool = True
 
 
 def _reason(exc: ValidationError) -> str:
@@ -78,7 +79,7 @@ class Payments:
                 amount=amount,
                 refund_amount=refund,
                 duplicates=call.duplicates,
-                notify_url=call.notify_url,
+                notify=call.notify,
             )
         return await self.wechat.settle(
             order_no=call.order_no,
@@ -87,7 +88,7 @@ class Payments:
             amount=amount,
             refund_amount=refund,
             duplicates=call.duplicates,
-            notify_url=call.notify_url,
+            notify=call.notify,
         )
 
     def _page(self, result: str = "", form: dict[str, str] | None = None, status_code: int = 200) -> Response:
@@ -148,6 +149,10 @@ class Payments:
                 reason = _reason(exc)
             except SandboxError as exc:
                 reason = str(exc)
+            except TooManyInFlight as exc:
+                if as_json:
+                    return fail(str(exc), "sandbox.busy", http_status=429)
+                return self._page(f"<p class=bad>{escape(str(exc))}</p>", status_code=429)
             else:
                 if as_json:
                     return ok(outcome.as_json(), info="sent" if outcome.deliveries else outcome.note or "ok")

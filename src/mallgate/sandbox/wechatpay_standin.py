@@ -387,7 +387,7 @@ class WechatPayStandIn:
         amount: Decimal | None = None,
         refund_amount: Decimal | None = None,
         duplicates: int = 0,
-        notify_url: str | None = None,
+        notify: bool = True,
     ) -> Outcome:
         if not order_no:
             raise SandboxError("order_no is required")
@@ -420,7 +420,11 @@ class WechatPayStandIn:
             return Outcome(kind, trade, "", [], note="WeChat Pay sends no notification for a closed order")
         else:
             raise SandboxError(f"unknown kind {kind!r}")
-        url = notify_url or trade.notify_url or self.default_notify_url
+        # Always the service's own notify URL, whatever a request named: the sandbox must never
+        # become a way to make this machine POST (and retry) to an address of someone's choosing.
+        url = self.default_notify_url
+        if not notify:
+            return Outcome(kind, trade, url, [], refund_amount=refund, note="recorded, not notified")
         deliveries = await self._notifier.deliver(
             "wechat_v2" if version == "v2" else "wechat_v3",
             url,

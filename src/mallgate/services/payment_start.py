@@ -77,7 +77,7 @@ async def _wechat_openid(runtime: Runtime, user: User) -> str:
 def _alipay(runtime: Runtime, order: Payable, trade_type: str) -> dict[str, Any]:
     settings = runtime.settings.alipay
     if not (settings.configured and settings.private_key):
-        raise ApiError("支付宝支付未开通", "pay.channel_unavailable")
+        raise ApiError("支付宝支付未配置", "alipay.not_configured")
     if trade_type not in ALIPAY_TRADE_TYPES:
         raise ApiError("支付宝仅支持 APP 和 H5 支付", "pay.trade_type_unsupported", field="trade_type")
     common: dict[str, Any] = {
@@ -95,7 +95,7 @@ def _alipay(runtime: Runtime, order: Payable, trade_type: str) -> dict[str, Any]
 async def _wechat(runtime: Runtime, user: User, order: Payable, trade_type: str, ip: str) -> dict[str, Any]:
     settings = runtime.settings.wechat_pay
     if not (settings.app_id and settings.mch_id and settings.api_key):
-        raise ApiError("微信支付未开通", "pay.channel_unavailable")
+        raise ApiError("微信支付未配置", "wechat_pay.not_configured")
     kind = WECHAT_TRADE_TYPES[trade_type]
     openid = await _wechat_openid(runtime, user) if kind == "JSAPI" else None
     scene_info = None

@@ -31,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from mallgate.channels.sms import SmsErrorCode, SmsProvider, SmsSendError, build_provider
 from mallgate.db.models import SmsCode, User
 from mallgate.envelope import ApiError
+from mallgate.forwarded import rate_key
 from mallgate.mobile import mask_mobile, normalize_mobile, parse_mobile
 from mallgate.runtime import Runtime
 from mallgate.services import accounts, ratelimit, tokens
@@ -111,7 +112,7 @@ def _send_limits(settings: SmsSettings, mobile: str, ip: str) -> list[_SendLimit
             "sms.number_daily_limit",
         ),
         _SendLimit(
-            Limit(f"sms:ip:{ip[:64]}", settings.per_ip_hourly, HOUR),
+            Limit(f"sms:ip:{rate_key(ip)}", settings.per_ip_hourly, HOUR),
             "当前网络获取验证码过于频繁",
             "sms.ip_limit",
         ),
@@ -153,6 +154,9 @@ def provider(runtime: Runtime) -> SmsProvider:
 
 async def send_code(runtime: Runtime, mobile: str, purpose: str, ip: str) -> None:
     """Send a new code for (mobile, purpose), replacing the old one; raise ApiError when refused."""
+    if runtime.settings.sms.provider is None:
+        # No provider and no sandbox: nothing may stand in for one (see mallgate.parties).
+        raise ApiError("短信服务未配置", "sms.not_configured")
     number = normalize_mobile(mobile)
     kind = parse_purpose(purpose)
     settings = runtime.settings.sms
@@ -330,7 +334,7 @@ async def password_login(runtime: Runtime, username: str, password: str, ip: str
     settings = runtime.settings.login
     limits = [
         Limit(f"login:account:{(number or username)[:64]}", settings.per_account_per_15min, 15 * 60),
-        Limit(f"login:ip:{ip[:64]}", settings.per_ip_hourly, HOUR),
+        Limit(f"login:ip:{rate_key(ip)}", settings.per_ip_hourly, HOUR),
     ]
     try:
         async with runtime.db.transaction() as session:
