@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 
 from mallgate.db.models import User
 from mallgate.envelope import ApiError, Unauthorized
+from mallgate.forwarded import client_address, trusted_networks
 from mallgate.params import Params, read_params
 from mallgate.runtime import Runtime, get_runtime
 from mallgate.services import tokens
@@ -18,8 +19,10 @@ ParamsDep = Annotated[Params, Depends(read_params)]
 
 
 def client_ip(request: Request) -> str:
-    # uvicorn's proxy-header handling (forwarded_allow_ips) has already put the real client here.
-    return request.client.host if request.client else ""
+    """The client's full address (audit records keep it whole; limits count `forwarded.rate_key` of it)."""
+    peer = request.client.host if request.client else ""
+    trusted = trusted_networks(request.app.state.runtime.settings.forwarded_allow_ips)
+    return client_address(peer, request.headers.getlist("x-forwarded-for"), trusted)
 
 
 async def current_user(request: Request, runtime: RuntimeDep, params: ParamsDep) -> User:

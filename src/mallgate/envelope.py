@@ -7,12 +7,14 @@ the HTTP code); an authentication failure answers 401, still in the envelope.
 from __future__ import annotations
 
 import logging
+import traceback
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("mallgate")
 
@@ -73,7 +75,57 @@ def install_handlers(app: FastAPI) -> None:
         return fail(f"参数错误: {where} {first.get('msg', '')}".strip(), "invalid_parameter", 200)
 
     @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # The message may carry SQL or secrets: log the type and route, answer generically.
-        log.error("unhandled %s on %s", type(exc).__name__, request.url.path, exc_info=exc)
-        return fail("服务器繁忙，请稍后再试", "server_error", 500)
+    async def _unexpected(_request: Request, _exc: Exception) -> JSONResponse:
+        # Only the answer: Starlette raises the exception on after this, and `guarded` logs it.
+        return server_error()
+
+
+def server_error() -> JSONResponse:
+    return fail("服务器繁忙，请稍后再试", "server_error", 500)
+
+
+def traceback_without_messages(exc: BaseException) -> str:
+    """Each exception of the chain by type and frames, never by message.
+
+    Messages carry what went wrong *with what*: SQL with its parameters (mobile numbers,
+    code hashes), a platform's answer, a key. The frames say where, which is what a fix needs.
+    """
+    parts: list[str] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        name = type(current).__module__ + "." + type(current).__qualname__
+        frames = "".join(traceback.format_tb(current.__traceback__)).rstrip()
+        parts.append(f"{name} (message withheld)\n{frames}" if frames else f"{name} (message withheld)")
+        current = current.__cause__ or current.__context__
+    return "\ncaused by ".join(parts)
+
+
+async def guarded(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """Runs `app`; an exception that escapes it is logged without its message and answered 500.
+
+    It is not raised on: uvicorn would log it whole, message included.
+    """
+    if scope["type"] != "http":
+        await app(scope, receive, send)
+        return
+    started = False
+
+    async def tracked(message: Message) -> None:
+        nonlocal started
+        started = started or message["type"] == "http.response.start"
+        await send(message)
+
+    try:
+        await app(scope, receive, tracked)
+    except Exception as exc:
+        log.error(
+            "unhandled %s on %s %s\n%s",
+            type(exc).__name__,
+            scope.get("method", ""),
+            scope.get("path", ""),
+            traceback_without_messages(exc),
+        )
+        if not started:
+            await server_error()(scope, receive, send)

@@ -17,6 +17,44 @@ from fastapi import Request
 from mallgate.envelope import ApiError
 
 _FORM = "application/x-www-form-urlencoded"
+# json.loads recurses once per level (200,000 `[` is a RecursionError), and nothing a client
+# sends needs more than a few levels.
+MAX_JSON_DEPTH = 32
+_JSON_ESCAPE = re.compile(rb"\\.", re.DOTALL)
+_JSON_STRING = re.compile(rb'"[^"]*"')
+_ONE_BRACKET = bytes.maketrans(b"{}", b"[]")
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+
+
+def ascii_int(text: str, max_digits: int = 18) -> int | None:
+    """`text` as a number if it is 1 to `max_digits` ASCII digits, else None.
+
+    `str.isdigit()` and `\\d` take any Unicode digit: `int()` then fails on some ('²', a 500)
+    and reads others ('١'). The API document's numbers are ASCII.
+    """
+    if 0 < len(text) <= max_digits and text.isascii() and text.isdigit():
+        return int(text)
+    return None
+
+
+def json_too_deep(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether the JSON's arrays and objects nest deeper than `limit` (or never pair up).
+
+    At C speed, as a 1 MiB body may be all brackets: strings are cut out, the brackets kept,
+    and the innermost pairs removed, at most `limit` rounds.
+    """
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    unquoted = _JSON_STRING.sub(b"", _JSON_ESCAPE.sub(b"", body))
+    brackets = unquoted.translate(_ONE_BRACKET, _NOT_BRACKETS)
+    for _ in range(limit):
+        inner_removed = brackets.replace(b"[]", b"")
+        if not inner_removed:
+            return False
+        if len(inner_removed) == len(brackets):
+            return True  # nothing pairs up any more
+        brackets = inner_removed
+    return True
 
 
 class Params(dict[str, Any]):
@@ -41,9 +79,12 @@ class Params(dict[str, Any]):
             if required:
                 raise ApiError(f"缺少参数 {name}", "param.missing", field=name)
             return None
-        if isinstance(value, bool) or not re.fullmatch(r"-?\d{1,18}", str(value).strip()):
+        text = str(value).strip()
+        number = None if isinstance(value, bool) else ascii_int(text.removeprefix("-"))
+        if number is None:
             raise ApiError(f"参数 {name} 应为整数", "param.invalid", field=name)
-        number = int(str(value).strip())
+        if text.startswith("-"):
+            number = -number
         if number < minimum:
             raise ApiError(f"参数 {name} 超出范围", "param.invalid", field=name)
         return number
@@ -54,7 +95,7 @@ def parse_amount(value: Any, name: str = "amount") -> Decimal:
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise ApiError(f'参数 {name} 应为金额字符串，如 "9.90"', "param.invalid", field=name)
     text = str(value).strip()
-    if not re.fullmatch(r"\d{1,10}(\.\d{1,2})?", text):
+    if not re.fullmatch(r"[0-9]{1,10}(\.[0-9]{1,2})?", text):
         raise ApiError(f"参数 {name} 应为最多两位小数的正数金额", "param.invalid", field=name)
     try:
         amount = Decimal(text).quantize(Decimal("0.01"))
@@ -75,9 +116,12 @@ async def read_params(request: Request) -> Params:
         return params
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "application/json" or (not ctype and body.lstrip()[:1] in (b"{", b"[")):
+        if json_too_deep(body):
+            raise ApiError(f"JSON 请求体嵌套不能超过 {MAX_JSON_DEPTH} 层", "body.invalid_json")
         try:
             data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            # RecursionError: a UTF-16 body can hide its brackets from the byte scan above.
             raise ApiError("请求体不是合法的 JSON", "body.invalid_json") from exc
         if not isinstance(data, dict):
             raise ApiError("JSON 请求体应为对象", "body.invalid_json")

@@ -19,6 +19,10 @@ from sqlalchemy.pool import StaticPool
 
 T = TypeVar("T")
 
+# A failed statement's error message carries its parameters (mobile numbers, code hashes,
+# tokens), and error messages end up in logs.
+HIDE_PARAMETERS = True
+
 
 def engine_for(url: str, *, connect_timeout: float = 2.0, pool_size: int = 10) -> AsyncEngine:
     """An engine tuned for each backend; connect timeouts keep a dead database from hanging a request."""
@@ -40,7 +44,7 @@ def engine_for(url: str, *, connect_timeout: float = 2.0, pool_size: int = 10) -
             pool_recycle=3600,
             connect_args={"connect_timeout": connect_timeout, "charset": "utf8mb4"},
         )
-    engine = create_async_engine(url, **kwargs)
+    engine = create_async_engine(url, hide_parameters=HIDE_PARAMETERS, **kwargs)
     if backend == "sqlite":
         _tune_sqlite(engine)
     return engine
@@ -111,7 +115,11 @@ class Database:
             # aiosqlite hops to its thread and back for every cursor call; a batch of writes
             # is far cheaper as one plain-sqlite3 call on a worker thread.
             sync_url = make_url(url).set(drivername="sqlite")
-            sync_engine = create_engine(sync_url, connect_args={"timeout": 30, "check_same_thread": False})
+            sync_engine = create_engine(
+                sync_url,
+                hide_parameters=HIDE_PARAMETERS,
+                connect_args={"timeout": 30, "check_same_thread": False},
+            )
             _tune_sqlite(sync_engine)
             self._sync_sessions = sessionmaker(sync_engine, expire_on_commit=False, autoflush=False)
             self._write_lock = _SqliteWriteLock(make_url(url).database or "")

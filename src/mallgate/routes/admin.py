@@ -11,10 +11,11 @@ from mallgate.db.models import User
 from mallgate.deps import ParamsDep, RuntimeDep, require_admin
 from mallgate.envelope import ApiError, ok
 from mallgate.mobile import normalize_mobile
-from mallgate.params import parse_amount
+from mallgate.params import ascii_int, parse_amount
 from mallgate.services import accounts, goods, orders
 
-router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+# Out of the public /docs and /openapi.json: the admin API is for the mall's own services.
+router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)], include_in_schema=False)
 
 OrderNo = Annotated[str, Path(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
 
@@ -78,10 +79,11 @@ async def create_user(runtime: RuntimeDep, params: ParamsDep) -> JSONResponse:
 
 @router.get("/users/{user_id}")
 async def get_user(runtime: RuntimeDep, user_id: Annotated[str, Path()]) -> JSONResponse:
-    if not user_id.isdigit() or len(user_id) > 18:
+    number = ascii_int(user_id)
+    if number is None:
         raise ApiError("用户 id 应为整数", "param.invalid", field="id")
     async with runtime.db.read() as session:
-        user = await session.get(User, int(user_id))
+        user = await session.get(User, number)
         if user is None:
             raise ApiError("用户不存在", "user.not_found")
         return ok(await accounts.admin_view(session, user))

@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 
 from mallgate.deps import ParamsDep, RuntimeDep, client_ip
 from mallgate.envelope import ok
-from mallgate.params import Params
+from mallgate.params import Params, ascii_int
 from mallgate.services import sms_codes
 
 router = APIRouter()
@@ -16,8 +16,8 @@ router = APIRouter()
 def _referrer(params: Params) -> int | None:
     # A referrer is optional metadata: clients send "", "0" or "undefined" when there is none,
     # and none of those may block a registration.
-    value = str(params.get("spread_id") or "").strip()
-    return int(value) if value.isdigit() and 0 < len(value) <= 18 and int(value) > 0 else None
+    referrer = ascii_int(str(params.get("spread_id") or "").strip())
+    return referrer or None
 
 
 @router.post("/register")

@@ -13,8 +13,6 @@ router = APIRouter()
 
 # The URL fully determines the image, so clients and CDNs may keep it for good.
 CACHE_CONTROL = "public, max-age=31536000, immutable"
-# Past this, drawing takes milliseconds: keep it off the event loop.
-INLINE_RENDER_BYTES = 256
 
 
 @router.get("/qrcode")
@@ -27,8 +25,8 @@ async def qrcode(request: Request, runtime: RuntimeDep) -> Response:
     if etag in request.headers.get("if-none-match", ""):
         return Response(status_code=304, headers=headers)
     service.check_rate(client_ip(request))
-    if len(wanted.data) <= INLINE_RENDER_BYTES:
-        png = service.png(wanted)
-    else:
-        png = await run_in_threadpool(service.png, wanted)
+    png = service.cached_png(wanted)
+    if png is None:
+        # Drawing takes milliseconds even for a short code: never on the event loop.
+        png = await run_in_threadpool(service.render, wanted)
     return Response(png, media_type="image/png", headers=headers)
