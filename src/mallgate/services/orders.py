@@ -132,7 +132,11 @@ async def notifications_for(session: AsyncSession, order_no: str) -> list[dict[s
 #   unpaid --close--> closed --pay (money arrived after all)--> paid
 #
 # Every transition is one conditional UPDATE on the state it leaves, so a
-# duplicate, concurrent or late notification finds nothing to change.
+# duplicate, concurrent or late notification finds nothing to change. A refund
+# of an unpaid or closed order is answered failure: its payment is still on the
+# way, and the platform sends the refund again. A second payment of a paid order
+# is recorded once per (channel, trade_no) in duplicate_payments; refunds are
+# matched by trade, so one naming that trade pays it back, not the order.
 # ---------------------------------------------------------------------------
 
 PAYABLE = ("unpaid", "closed")
