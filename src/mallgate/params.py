@@ -71,6 +71,9 @@ class Params(dict[str, Any]):
         value = str(value).strip()
         if len(value) > max_length:
             raise ApiError(f"参数 {name} 过长", "param.too_long", field=name)
+        # No field of the API holds control characters, and NUL breaks PostgreSQL (a 500).
+        if any(ord(char) < 0x20 or char == "\x7f" for char in value):
+            raise ApiError(f"参数 {name} 含有控制字符", "param.invalid", field=name)
         return value
 
     def integer(self, name: str, *, required: bool = True, minimum: int = 1) -> int | None:

@@ -10,6 +10,7 @@ from fastapi import Request
 
 from mallgate.clock import Clock, default_clock
 from mallgate.db.session import Database
+from mallgate.secret_key import resolve as resolve_secret_key
 from mallgate.settings import Settings
 
 # Outbound calls to the platforms: TLS verified, never waiting forever.
@@ -21,6 +22,8 @@ class Runtime:
     settings: Settings
     db: Database
     http: httpx.AsyncClient
+    # Keys the SMS code hashes (mallgate.secret_key); no default, so it is never silently empty.
+    secret_key: bytes
     clock: Clock = field(default_factory=lambda: default_clock)
     sandbox_url: str | None = None
     # Per-process helpers that services create lazily (e.g. the notification group commit).
@@ -28,8 +31,10 @@ class Runtime:
 
     @classmethod
     def create(cls, settings: Settings, clock: Clock | None = None) -> Runtime:
+        secret_key = resolve_secret_key(settings)  # first: a bad key file stops start-up here
         return cls(
             settings=settings,
+            secret_key=secret_key,
             db=Database(settings.resolved_database_url, connect_timeout=settings.db_timeout_seconds),
             http=httpx.AsyncClient(timeout=OUTBOUND_TIMEOUT, verify=True),
             clock=clock or default_clock,

@@ -34,12 +34,13 @@ async def register(request: Request, runtime: RuntimeDep, params: ParamsDep) -> 
 
 
 @router.post("/forget")
-async def forget(runtime: RuntimeDep, params: ParamsDep) -> JSONResponse:
+async def forget(request: Request, runtime: RuntimeDep, params: ParamsDep) -> JSONResponse:
     await sms_codes.reset_password(
         runtime,
         params.text("username", max_length=20),
         params.text("code", max_length=16),
         params.text("password", max_length=128),
+        client_ip(request),
     )
     return ok(info="密码已重置，请重新登录")
 

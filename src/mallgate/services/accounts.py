@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import secrets
+import threading
+import weakref
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, Final, TypeVar
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -15,16 +21,25 @@ from mallgate.db.models import Identity, User
 from mallgate.envelope import ApiError
 from mallgate.runtime import Runtime
 from mallgate.services import tokens
+from mallgate.settings import LoginSettings
 
 _hasher = PasswordHasher()  # argon2id, memory-hard, with the library's current defaults
 
 MIN_PASSWORD = 6
 MAX_PASSWORD = 64
+_HASHER_KEY: Final = "accounts.hasher"
+
+T = TypeVar("T")
+
+
+def validate_password(password: str) -> None:
+    if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
+        raise ApiError(f"密码长度应为 {MIN_PASSWORD}-{MAX_PASSWORD} 位", "password.invalid")
 
 
 def hash_password(password: str) -> str:
-    if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
-        raise ApiError(f"密码长度应为 {MIN_PASSWORD}-{MAX_PASSWORD} 位", "password.invalid")
+    """On the calling thread: for request handlers, `hasher(runtime).hash` keeps the event loop free."""
+    validate_password(password)
     return _hasher.hash(password)
 
 
@@ -35,6 +50,87 @@ def check_password(password_hash: str | None, password: str) -> bool:
         return _hasher.verify(password_hash, password)
     except (VerificationError, InvalidHashError):
         return False
+
+
+_dummy_hash: str | None = None
+_dummy_lock = threading.Lock()
+
+
+def _check_unknown(password: str) -> bool:
+    """Check against a throw-away hash, so that an unknown account costs what a wrong password does."""
+    global _dummy_hash
+    with _dummy_lock:
+        if _dummy_hash is None:
+            _dummy_hash = _hasher.hash(secrets.token_hex(16))
+    check_password(_dummy_hash, password)
+    return False
+
+
+class Hasher:
+    """argon2 on worker threads, at most `hash_concurrency` at a time per process.
+
+    Each hash takes about 0.2 s of CPU and 64 MiB: on the event loop a handful of them
+    stalls every request, and an unbounded queue of them is a denial of service that
+    only moves. So a request waits for a slot only while fewer than `hash_queue` others
+    wait, and for at most `hash_wait_seconds`; otherwise it is answered "busy" at once.
+    A slot is given back when its thread is done, not when the request gives up, so
+    abandoned requests never let more hashes run than the limit.
+    """
+
+    def __init__(self, settings: LoginSettings) -> None:
+        self._slots = asyncio.Semaphore(settings.hash_concurrency)
+        self._executor = ThreadPoolExecutor(settings.hash_concurrency, thread_name_prefix="mallgate-argon2")
+        self._queue = settings.hash_queue
+        self._wait = settings.hash_wait_seconds
+        self._waiting = 0
+
+    async def hash(self, password: str) -> str:
+        validate_password(password)
+        return await self._run(_hasher.hash, password)
+
+    async def verify(self, password_hash: str | None, password: str) -> bool:
+        """Whether `password` matches; a missing hash costs a check all the same, and is False."""
+        if not password_hash:
+            return await self._run(_check_unknown, password)
+        return await self._run(check_password, password_hash, password)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False)
+
+    async def _run(self, work: Callable[..., T], *args: Any) -> T:
+        await self._take_slot()
+        future = asyncio.get_running_loop().run_in_executor(self._executor, work, *args)
+        future.add_done_callback(lambda _done: self._slots.release())
+        return await asyncio.shield(future)
+
+    async def _take_slot(self) -> None:
+        if not self._slots.locked():
+            await self._slots.acquire()  # free: returns without waiting
+            return
+        if self._waiting >= self._queue or self._wait <= 0:
+            raise busy()
+        self._waiting += 1
+        try:
+            await asyncio.wait_for(self._slots.acquire(), self._wait)
+        except TimeoutError:
+            raise busy() from None
+        finally:
+            self._waiting -= 1
+
+
+def busy() -> ApiError:
+    # HTTP 200 like every business failure: the clients read `status` and show `info`.
+    return ApiError("系统繁忙，请稍后再试", "password.busy", retry_after=1)
+
+
+def hasher(runtime: Runtime) -> Hasher:
+    """The runtime's hasher, made on first use (inside the event loop that will use it)."""
+    found = runtime.services.get(_HASHER_KEY)
+    if found is None:
+        found = runtime.services[_HASHER_KEY] = Hasher(runtime.settings.login)
+        weakref.finalize(runtime, found.close)
+    assert isinstance(found, Hasher)
+    return found
 
 
 def _fmt_time(value: datetime | None) -> str:

@@ -8,9 +8,24 @@ the provider gives the counts back; a timeout does not, because the message may
 still have been accepted (SendSms is not idempotent at either provider), so its
 code is stored as if it had been sent and the number waits out its interval.
 
-Checking: a code is stored only as a salted HMAC, lives `code_ttl_seconds`,
-allows `max_checks` checks and one successful use. A wrong guess is committed
-even though the request fails, or the attempt limit would not hold.
+Checking: a code is stored only as HMAC(server secret, salt + code) (the
+secret is not in the database, so a dump alone gives no code), lives
+`code_ttl_seconds`, allows `max_checks` wrong guesses and one successful use.
+A wrong guess is committed even though the request fails, or the attempt limit
+would not hold.
+
+Redeeming (register, forget) runs in this order, each step only if the last passed:
+1. the password's length (tells nothing, costs nothing);
+2. the per-IP and per-number attempt counters;
+3. the code, in a transaction that locks its row and commits a wrong guess. Until the
+   code is shown right, the answer depends on nothing but the code: whether the number
+   is registered is told only to whoever holds its code;
+4. argon2, on a worker thread behind the bounded hasher, with no transaction open;
+5. a second transaction that locks the row again, uses the code only if it is still the
+   one shown right and still unused, and writes the user in the same commit. Two
+   requests with one code both reach step 5; the lock lets one use it. A failure at 4
+   or 5 leaves the code unused: nothing is half-written.
+A right code is not counted as an attempt, so a "busy" answer costs the user nothing.
 """
 
 from __future__ import annotations
@@ -47,6 +62,8 @@ HOUR: Final = 3600
 DAY: Final = 86400
 _PROVIDER_KEY: Final = "sms.provider"
 _SALT_BYTES: Final = 16
+# The server secret keys more than this one thing: a code hash gets its own key from it.
+_CODE_KEY_LABEL: Final = b"mallgate sms code hash v1"
 
 T = TypeVar("T")
 
@@ -77,20 +94,27 @@ def new_code() -> str:
     return f"{secrets.randbelow(10**CODE_DIGITS):0{CODE_DIGITS}d}"
 
 
-def hash_code(code: str, salt: bytes | None = None) -> str:
-    """`salt$hmac` in hex: a table dump shows no code, and equal codes hash differently."""
+def _code_key(secret: bytes) -> bytes:
+    return hmac.new(secret, _CODE_KEY_LABEL, hashlib.sha256).digest()
+
+
+def hash_code(secret: bytes, code: str, salt: bytes | None = None) -> str:
+    """`salt$hmac` in hex, keyed by the server secret: equal codes hash differently, and a
+    table dump without the secret gives no code (six digits are a million guesses otherwise)."""
     salt = salt if salt is not None else secrets.token_bytes(_SALT_BYTES)
-    digest = hmac.new(salt, code.encode(), hashlib.sha256).hexdigest()
+    digest = hmac.new(_code_key(secret), salt + code.encode(), hashlib.sha256).hexdigest()
     return f"{salt.hex()}${digest}"
 
 
-def code_matches(code_hash: str, code: str) -> bool:
+def code_matches(secret: bytes, code_hash: str, code: str) -> bool:
+    """Whether `code` is the one hashed; a hash made before the secret (HMAC keyed by its salt)
+    never matches, so such a code fails closed as a wrong one and the user asks for a new code."""
     salt_hex, _, _digest = code_hash.partition("$")
     try:
         salt = bytes.fromhex(salt_hex)
     except ValueError:
         return False
-    return hmac.compare_digest(hash_code(code, salt).encode(), code_hash.encode())
+    return hmac.compare_digest(hash_code(secret, code, salt).encode(), code_hash.encode())
 
 
 # ------------------------------------------------------------------ sending
@@ -201,7 +225,7 @@ async def send_code(runtime: Runtime, mobile: str, purpose: str, ip: str) -> Non
 async def _store_code(runtime: Runtime, mobile: str, purpose: Purpose, code: str, now: datetime) -> None:
     """Upsert on (mobile, purpose): a new code replaces the old one and its attempt count."""
     values = {
-        "code_hash": hash_code(code),
+        "code_hash": hash_code(runtime.secret_key, code),
         "created_at": now,
         "expires_at": now + timedelta(seconds=runtime.settings.sms.code_ttl_seconds),
         "attempts": 0,
@@ -225,34 +249,110 @@ class CodeRejected(ApiError):
     """A code that does not open the door; what it changed (the attempt count) must still be committed."""
 
 
-async def check_code(
-    session: AsyncSession, mobile: str, purpose: Purpose, code: str, now: datetime, *, max_checks: int
-) -> None:
-    """Use the code of (mobile, purpose), or raise CodeRejected; a wrong guess counts as a check.
+def _missing() -> CodeRejected:
+    return CodeRejected("请先获取验证码", "sms.code_missing", field="code")
 
-    The row is locked, so concurrent checks count one by one and only one can use the code.
+
+async def _locked_code(session: AsyncSession, mobile: str, purpose: Purpose) -> SmsCode | None:
+    # Locked, so that concurrent checks count one by one and only one can use the code.
+    query = select(SmsCode).where(SmsCode.mobile == mobile, SmsCode.purpose == purpose).with_for_update()
+    return (await session.execute(query)).scalar_one_or_none()
+
+
+async def check_code(
+    session: AsyncSession,
+    secret: bytes,
+    mobile: str,
+    purpose: Purpose,
+    code: str,
+    now: datetime,
+    *,
+    max_checks: int,
+) -> str:
+    """Show that `code` is the live code of (mobile, purpose), without using it; its hash, for `use_code`.
+
+    Raises CodeRejected; a wrong guess is counted (the caller commits it).
     """
-    row = (
-        await session.execute(
-            select(SmsCode).where(SmsCode.mobile == mobile, SmsCode.purpose == purpose).with_for_update()
-        )
-    ).scalar_one_or_none()
+    row = await _locked_code(session, mobile, purpose)
     if row is None:
-        raise CodeRejected("请先获取验证码", "sms.code_missing", field="code")
-    if row.used_at is not None:
-        raise CodeRejected("验证码已使用，请重新获取", "sms.code_used", field="code")
-    if row.expires_at <= now:
+        raise _missing()
+    if row.used_at is not None or row.expires_at <= now:
+        # Told only to whoever holds the code. To anyone else a spent code is no code at all:
+        # "already used" would tell that the number registered with it.
+        if not code_matches(secret, row.code_hash, code):
+            raise _missing()
+        if row.used_at is not None:
+            raise CodeRejected("验证码已使用，请重新获取", "sms.code_used", field="code")
         raise CodeRejected("验证码已过期，请重新获取", "sms.code_expired", field="code")
     if row.attempts >= max_checks:
         raise CodeRejected("验证码错误次数过多，请重新获取", "sms.code_locked", field="code")
-    row.attempts += 1
-    if not code_matches(row.code_hash, code):
+    if not code_matches(secret, row.code_hash, code):
+        row.attempts += 1
         await session.flush()
         left = max_checks - row.attempts
         info = f"验证码错误，还可尝试 {left} 次" if left else "验证码错误次数过多，请重新获取"
         raise CodeRejected(info, "sms.code_wrong", field="code", attempts_left=left)
+    return row.code_hash
+
+
+async def use_code(
+    session: AsyncSession, mobile: str, purpose: Purpose, code_hash: str, now: datetime
+) -> None:
+    """Use the code `check_code` accepted, if it is still that code and still unused."""
+    row = await _locked_code(session, mobile, purpose)
+    if row is None or row.code_hash != code_hash:
+        raise CodeRejected("验证码已更新，请使用最新收到的验证码", "sms.code_replaced", field="code")
+    if row.used_at is not None:
+        raise CodeRejected("验证码已使用，请重新获取", "sms.code_used", field="code")
     row.used_at = now
     await session.flush()
+
+
+def _check_limits(settings: SmsSettings, mobile: str, ip: str) -> list[_SendLimit]:
+    """Attempts at register and forget together, counted before the code is read."""
+    return [
+        _SendLimit(
+            Limit(f"sms:check:ip:{rate_key(ip)}", settings.check_per_ip_hourly, HOUR),
+            "当前网络验证次数过多",
+            "sms.check_ip_limit",
+        ),
+        _SendLimit(
+            Limit(f"sms:check:number:{mobile}", settings.check_per_number_per_15min, 15 * 60),
+            "该手机号验证次数过多",
+            "sms.check_number_limit",
+        ),
+    ]
+
+
+async def _accepted_code(runtime: Runtime, mobile: str, purpose: Purpose, code: str, ip: str) -> str:
+    """Steps 2 and 3 of the module's order: the counters, then the code; the accepted code's hash.
+
+    One transaction, committed whatever the code was (the counts and a wrong guess must
+    hold), except when a limit refuses: then nothing moved.
+    """
+    settings = runtime.settings.sms
+    limits = _check_limits(settings, mobile, ip)
+    now = _now(runtime)
+    refusal: ApiError | None = None
+    code_hash = ""
+    try:
+        async with runtime.db.transaction() as session:
+            await ratelimit.hit(session, [item.limit for item in limits], now)
+            try:
+                code_hash = await check_code(
+                    session, runtime.secret_key, mobile, purpose, code, now, max_checks=settings.max_checks
+                )
+            except CodeRejected as exc:
+                refusal = exc  # leave the block normally, so that the guess is committed
+            else:
+                # Now, and only now, may the answer depend on the number; it saves a hash that
+                # the second transaction would refuse anyway.
+                refusal = _purpose_refusal(purpose, await accounts.find_by_mobile(session, mobile))
+    except RateLimited as exc:
+        raise _rate_limited(limits, exc) from None
+    if refusal is not None:
+        raise refusal
+    return code_hash
 
 
 async def _redeem(
@@ -260,25 +360,22 @@ async def _redeem(
     mobile: str,
     purpose: Purpose,
     code: str,
-    action: Callable[[AsyncSession, User | None, datetime], Awaitable[T]],
+    password: str,
+    ip: str,
+    action: Callable[[AsyncSession, User | None, str, datetime], Awaitable[T]],
 ) -> T:
-    """Check the code and run `action` in the same transaction; a rejected code still commits its check."""
+    """Check the code, hash the password, then use the code and run `action` in one transaction."""
+    accounts.validate_password(password)
+    code_hash = await _accepted_code(runtime, mobile, purpose, code, ip)
+    password_hash = await accounts.hasher(runtime).hash(password)
     now = _now(runtime)
-    rejected: CodeRejected | None = None
     async with runtime.db.transaction() as session:
+        await use_code(session, mobile, purpose, code_hash, now)
         user = await accounts.find_by_mobile(session, mobile)
-        refusal = _purpose_refusal(purpose, user)
+        refusal = _purpose_refusal(purpose, user)  # registered or removed meanwhile
         if refusal is not None:
-            raise refusal
-        try:
-            await check_code(session, mobile, purpose, code, now, max_checks=runtime.settings.sms.max_checks)
-        except CodeRejected as exc:
-            rejected = exc  # leave the block normally, so that the attempt is committed
-        else:
-            # If the action fails, the transaction rolls back and the code stays usable.
-            return await action(session, user, now)
-    assert rejected is not None
-    raise rejected
+            raise refusal  # rolls back: the code stays unused
+        return await action(session, user, password_hash, now)
 
 
 async def register(
@@ -286,9 +383,10 @@ async def register(
 ) -> dict[str, str]:
     """Create the user of a new number from its `register` code; the profile with a token."""
     number = normalize_mobile(mobile)
-    password_hash = accounts.hash_password(password)  # outside the transaction: argon2 takes a while
 
-    async def create(session: AsyncSession, _user: User | None, now: datetime) -> dict[str, str]:
+    async def create(
+        session: AsyncSession, _user: User | None, password_hash: str, now: datetime
+    ) -> dict[str, str]:
         try:
             async with session.begin_nested():
                 user = await accounts.create_user(session, now, mobile=number, spread_id=spread_id)
@@ -297,34 +395,23 @@ async def register(
         user.password_hash = password_hash
         return await accounts.login(runtime, session, user, ip)
 
-    return await _redeem(runtime, number, "register", code, create)
+    return await _redeem(runtime, number, "register", code, password, ip, create)
 
 
-async def reset_password(runtime: Runtime, mobile: str, code: str, password: str) -> None:
+async def reset_password(runtime: Runtime, mobile: str, code: str, password: str, ip: str) -> None:
     """Set a new password from a `repassword` code and log out every existing session."""
     number = normalize_mobile(mobile)
-    password_hash = accounts.hash_password(password)
 
-    async def reset(session: AsyncSession, user: User | None, now: datetime) -> None:
+    async def reset(session: AsyncSession, user: User | None, password_hash: str, now: datetime) -> None:
         assert user is not None  # _purpose_refusal let `repassword` through only for a registered number
         user.password_hash = password_hash
         await tokens.revoke_all(session, user.id, now)
         await session.flush()
 
-    await _redeem(runtime, number, "repassword", code, reset)
+    await _redeem(runtime, number, "repassword", code, password, ip, reset)
 
 
 # ------------------------------------------------------------------ password login
-
-_DUMMY_HASH: str | None = None
-
-
-def _dummy_hash() -> str:
-    # Checked when there is no user, so that an unknown account costs as much time as a wrong password.
-    global _DUMMY_HASH
-    if _DUMMY_HASH is None:
-        _DUMMY_HASH = accounts.hash_password(secrets.token_hex(16))
-    return _DUMMY_HASH
 
 
 async def password_login(runtime: Runtime, username: str, password: str, ip: str) -> dict[str, str]:
@@ -352,7 +439,8 @@ async def password_login(runtime: Runtime, username: str, password: str, ip: str
             )
         ).first()
         user_id, stored = (user.id, user.password_hash) if user is not None else (None, None)
-    if not accounts.check_password(stored or _dummy_hash(), password) or user_id is None or not stored:
+    # An unknown account or one without a password is checked against a throw-away hash: same cost.
+    if not await accounts.hasher(runtime).verify(stored, password) or user_id is None:
         raise wrong
     async with runtime.db.transaction() as session:
         current = await session.get(User, user_id, with_for_update=True)

@@ -1,0 +1,77 @@
+"""The server secret: what keys the SMS code hashes, kept out of the database.
+
+`MALLGATE_SECRET_KEY` when set (required, and the same everywhere, when several
+machines share one database). Otherwise one key is generated on first start into
+`<var_dir>/secret_key`, readable by its owner only, and read from there afterwards.
+Workers that start together may all try to create it; exactly one file wins and
+every worker reads that one: the key is written to a private temporary file and
+then hard-linked into place, which fails if the name exists, so no worker ever
+reads a half-written key.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import stat
+from pathlib import Path
+from typing import Final
+
+from mallgate.settings import MIN_SECRET_KEY, Settings
+
+log = logging.getLogger("mallgate")
+
+FILE_NAME: Final = "secret_key"
+MIN_LENGTH: Final = MIN_SECRET_KEY
+_PRIVATE: Final = 0o600
+
+
+class SecretKeyError(RuntimeError):
+    """The key file exists but cannot be used; start-up stops rather than make a new key."""
+
+
+def resolve(settings: Settings) -> bytes:
+    """The secret of these settings: the configured key, else the one in var/."""
+    if settings.secret_key:
+        return settings.secret_key.encode()
+    return load_or_create(settings.var_dir / FILE_NAME)
+
+
+def load_or_create(path: Path) -> bytes:
+    """The key in `path`, created with mode 0600 if there is none yet."""
+    try:
+        return _read(path)
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _PRIVATE)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_urlsafe(48) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        try:
+            os.link(temporary, path)
+            log.info("generated a new secret key in %s", path)
+        except FileExistsError:
+            pass  # another worker got there first: its key is the one
+    finally:
+        temporary.unlink(missing_ok=True)
+    return _read(path)
+
+
+def _read(path: Path) -> bytes:
+    # A key that changes silently would turn every live code into a wrong one; a damaged file
+    # is the operator's to look at, so it stops start-up instead of being replaced.
+    key = path.read_bytes().strip()
+    if len(key) < MIN_LENGTH:
+        raise SecretKeyError(
+            f"{path} holds no usable key (at least {MIN_LENGTH} characters); "
+            "restore it, or delete it to generate a new one (live SMS codes then stop working)"
+        )
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        log.warning("%s is readable by others (mode %o); chmod 600 it", path, mode)
+    return key
