@@ -27,7 +27,7 @@ from mallgate.settings import Settings
 app = typer.Typer(add_completion=False, help="mallgate: the third-party gateway of an online mall")
 db_app = typer.Typer(help="database")
 app.add_typer(db_app, name="db")
-notifications_app = typer.Typer(help="stored payment notifications: list, show, replay")
+notifications_app = typer.Typer(help="stored payment notifications: list, show, replay, prune")
 app.add_typer(notifications_app, name="notifications")
 T = TypeVar("T")
 log = logging.getLogger("mallgate")
@@ -276,6 +276,21 @@ def notifications_replay(notification_id: Annotated[int, typer.Argument(help="th
     typer.echo(f"#{notification_id}: {result.outcome}" + (f" ({result.reason})" if result.reason else ""))
     if not result.accepted:
         raise typer.Exit(1)
+
+
+@notifications_app.command("prune")
+def notifications_prune(
+    older_than: Annotated[str, typer.Option(help="delete the notices received longer ago than this: 90d")],
+    refused_only: Annotated[
+        bool, typer.Option("--refused-only", help="only the refused (unverified) ones")
+    ] = False,
+) -> None:
+    """Delete old stored notifications, a thousand rows per transaction."""
+    from mallgate.services.notifications import prune
+
+    age = parse_duration(older_than)
+    deleted = _run(lambda rt: prune(rt, older_than=age, refused_only=refused_only))
+    typer.echo(f"{deleted} notification{'' if deleted == 1 else 's'} deleted")
 
 
 @app.command()

@@ -172,7 +172,7 @@ class NotifySettings(BaseModel):
         4096, ge=256, description="a refused (unverified) notice keeps this much of its body and query"
     )
     refused_per_ip_per_minute: int = Field(
-        60, ge=1, description="refused notices stored per source IP and minute; the rest answer failure unstored"
+        60, ge=1, description="refused notices stored per source IP a minute; the rest: failure, not stored"
     )
     queue_limit: int = Field(
         2048, ge=1, description="notices waiting for the group commit; beyond it answer failure (busy)"

@@ -138,7 +138,8 @@ def verify_v2_sign(params: Mapping[str, str], api_key: str, sign_type: str | Non
     chosen = sign_type or params.get("sign_type") or ("HMAC-SHA256" if len(given) == 64 else "MD5")
     if chosen not in ("MD5", "HMAC-SHA256"):
         raise NotAuthentic(f"unsupported sign_type {chosen[:20]!r}")
-    if not hmac.compare_digest(sign_v2(params, api_key, chosen), given.upper()):
+    # Bytes: compare_digest refuses str with non-ASCII characters (a TypeError, not a refusal).
+    if not hmac.compare_digest(sign_v2(params, api_key, chosen).encode(), given.upper().encode()):
         raise NotAuthentic("bad signature")
 
 

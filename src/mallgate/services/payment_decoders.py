@@ -23,7 +23,7 @@ from mallgate.channels.errors import ChannelError, MalformedNotification
 from mallgate.db.models import PaymentNotification
 from mallgate.runtime import Runtime
 from mallgate.services import orders
-from mallgate.services.notifications import Decoder, RawNotification, load_raw, receive
+from mallgate.services.notifications import Acknowledged, Decoder, RawNotification, load_raw, receive
 from mallgate.services.orders import Applied, PaymentEvent
 from mallgate.settings import AlipaySettings, WechatPaySettings
 
@@ -38,6 +38,8 @@ QUERY_METHOD = "QUERY"
 V3_TOLERANCE_SECONDS = 300.0
 # Forged serials must not turn every request into a certificate download.
 CERT_REFRESH_MIN_INTERVAL = 60.0
+# The download happens inside a notify request, which WeChat Pay gives 5 s.
+CERT_REFRESH_TIMEOUT = 3.0
 
 
 class NotConfigured(ChannelError):
@@ -145,16 +147,23 @@ def decode_wechat_v3(
 ) -> PaymentEvent:
     if not (settings.api_v3_key and settings.mch_id and keys.serials):
         raise NotConfigured("WeChat Pay v3 is not configured (mch_id / APIv3 key / public key or certs)")
-    notice = wechat_pay.verify_v3_notification(
-        raw.headers,
-        raw.body,
-        keys=keys,
-        api_v3_key=settings.api_v3_key,
-        app_id=settings.app_id,
-        mch_id=settings.mch_id,
-        now=now,
-        tolerance=tolerance,
-    )
+    try:
+        notice = wechat_pay.verify_v3_notification(
+            raw.headers,
+            raw.body,
+            keys=keys,
+            api_v3_key=settings.api_v3_key,
+            app_id=settings.app_id,
+            mch_id=settings.mch_id,
+            now=now,
+            tolerance=tolerance,
+        )
+    except wechat_pay.UnsupportedEvent as exc:
+        # Authentic, of a kind we do not act on: refusing it would have WeChat resend it for days.
+        order_no = exc.event.resource.get("out_trade_no")
+        raise Acknowledged(
+            f"{type(exc).__name__}: {exc}", order_no=order_no if isinstance(order_no, str) else ""
+        ) from None
     base = PaymentEvent(WECHAT, notice.out_trade_no, "none", trade_no=notice.transaction_id)
     if isinstance(notice, wechat_pay.WechatV3Refund):
         if not notice.succeeded:
@@ -230,7 +239,11 @@ async def v3_keys(runtime: Runtime, raw: RawNotification) -> wechat_pay.V3KeySto
         fresh = cache.store.copy()
         client = wechat_pay.WechatPayClient(settings, http=runtime.http, clock=runtime.clock, keys=fresh)
         try:
-            added = await client.fetch_certificates()
+            async with asyncio.timeout(CERT_REFRESH_TIMEOUT):
+                added = await client.fetch_certificates()
+        except TimeoutError:
+            log.warning("WeChat Pay certificate refresh took over %.0f s: given up", CERT_REFRESH_TIMEOUT)
+            return cache.store
         except (ChannelError, ValueError) as exc:
             log.warning("WeChat Pay certificate refresh failed: %s", exc)
             return cache.store
@@ -289,7 +302,13 @@ def claimed_order_no(raw: RawNotification) -> str | None:
 
 async def handle(runtime: Runtime, raw: RawNotification, *, replay: bool = False) -> Applied:
     """Verify, store and apply one notice; never raises (see notifications.receive)."""
-    return await receive(runtime, raw, await decoder_for(runtime, raw, replay=replay), claimed_order_no)
+    try:
+        decode = await decoder_for(runtime, raw, replay=replay)
+    except Exception as exc:
+        # Whatever went wrong finding the keys, the notice is refused and kept, never a 500.
+        log.warning("%s decoder unavailable: %s", raw.channel, type(exc).__name__)
+        decode = _refuse(f"unexpected {type(exc).__name__}")
+    return await receive(runtime, raw, decode, claimed_order_no)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,8 +347,10 @@ async def replay(runtime: Runtime, notification_id: int) -> Applied | None:
 
     The replay is stored as a notice of its own, its source marking where it came from.
     """
-    raw = await load_raw(runtime, notification_id)
-    if raw is None:
+    stored = await load_raw(runtime, notification_id)
+    if stored is None:
         return None
-    again = replace(raw, source_ip=f"replay of #{notification_id}")
+    if not stored.whole:
+        return Applied(False, "rejected", "only part of this refused notice was kept: nothing to verify")
+    again = replace(stored.raw, source_ip=f"replay of #{notification_id}")
     return await handle(runtime, again, replay=True)
