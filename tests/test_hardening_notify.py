@@ -220,6 +220,18 @@ async def test_non_ascii_v2_sign_is_refused_and_stored(client: httpx.AsyncClient
     assert (row.verified, row.outcome, row.reason) == (False, "rejected", "NotAuthentic: bad signature")
 
 
+async def test_an_unexpected_decoder_error_is_a_refused_stored_notice(server: Server) -> None:
+    marker = unique("DECODER").encode()
+
+    def broken(_raw: RawNotification) -> PaymentEvent:
+        raise KeyError("a decoder bug, quoting the attacker's bytes")
+
+    result = await receive(server.app.state.runtime, _raw(0, body=marker), broken)
+    assert (result.accepted, result.outcome, result.reason) == (False, "rejected", "unexpected KeyError")
+    [row] = await rows_with_body(server, marker)
+    assert (row.verified, row.outcome, row.reason) == (False, "rejected", "unexpected KeyError")
+
+
 # ----------------------------------------------------------------------------------------------
 # wrong HTTP methods on the notify URLs
 
@@ -314,8 +326,8 @@ def _stub_runtime(db: _FailingDb, **notify: Any) -> Runtime:
     return cast(Runtime, SimpleNamespace(settings=settings, db=db, clock=TestClock(), services={}))
 
 
-def _raw(i: int) -> RawNotification:
-    return RawNotification("alipay", "POST", "", f"n={i}".encode(), "192.0.2.1")
+def _raw(i: int, body: bytes = b"") -> RawNotification:
+    return RawNotification("alipay", "POST", "", body or f"n={i}".encode(), "192.0.2.1")
 
 
 def _event(i: int) -> PaymentEvent:

@@ -109,10 +109,14 @@ def _is_storable(text: str) -> bool:
     return (text.isascii() and "\x00" not in text) or _UNSTORABLE.search(text) is None
 
 
+_KEPT = frozenset(KEPT_HEADERS)
+# Built once: json.dumps with options builds an encoder per call, a measurable share of a notice.
+_to_json = json.JSONEncoder(sort_keys=True).encode
+
+
 def _kept_headers(headers: dict[str, str], value_chars: int | None = None) -> str:
-    # json.dumps escapes NUL and everything non-ASCII: the result is always storable.
-    kept = {k: v[:value_chars] for k, v in headers.items() if k.lower() in KEPT_HEADERS}
-    return json.dumps(kept, sort_keys=True)
+    # The encoder escapes NUL and everything non-ASCII: the result is always storable.
+    return _to_json({k: v[:value_chars] for k, v in headers.items() if k.lower() in _KEPT})
 
 
 def _row(
