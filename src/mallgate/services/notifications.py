@@ -264,10 +264,15 @@ class GroupCommit:
         self.draining = False
         # The loop keeps only a weak reference to a task: this one must not vanish mid-batch.
         self.task: asyncio.Task[None] | None = None
+        self.busy_reported_at = float("-inf")
 
     async def submit(self, item: _Pending) -> Applied:
         if len(self.queue) >= self.limit:
             DROPPED.labels(item.row["channel"], "busy").inc()
+            now = asyncio.get_running_loop().time()
+            if now - self.busy_reported_at >= 60:  # one line a minute, not one per notice turned away
+                log.warning("notification queue full (%d waiting): answering busy", len(self.queue))
+                self.busy_reported_at = now
             return BUSY
         self.queue.append(item)
         if not self.draining:
@@ -387,42 +392,47 @@ async def receive(
     `claim` reads the order number a notice claims without trusting it, for filing refused ones.
     """
     now = runtime.clock.utcnow().replace(tzinfo=None)
-    event: PaymentEvent | None = None
+    judged = _judge(runtime, raw, decode, claim, now)
+    if isinstance(judged, Applied):  # OVER_BUDGET
+        DROPPED.labels(raw.channel, "rate_limited").inc()
+        return judged
+    row, event, result = judged
+    result = await _group_commit(runtime).submit(
+        _Pending(row, event, result, now, asyncio.get_running_loop().create_future())
+    )
+    if not result.accepted and result is not BUSY:  # busy is counted, and logged by the group commit
+        log.warning("%s notification refused: %s %s", raw.channel, result.outcome, result.reason)
+    return result
+
+
+def _judge(
+    runtime: Runtime,
+    raw: RawNotification,
+    decode: Decoder,
+    claim: Callable[[RawNotification], str | None] | None,
+    now: datetime,
+) -> tuple[dict[str, Any], PaymentEvent | None, Applied] | Applied:
+    """(audit row, event to apply, outcome if none), or OVER_BUDGET for a refusal not to be stored."""
     try:
         event = decode(raw)
     except Acknowledged as ack:
         row = _row(runtime, raw, now, verified=True, kind="none", order_no=ack.order_no)
-        result = Applied(True, "ignored", ack.reason)
+        return row, None, Applied(True, "ignored", ack.reason)
     except ChannelError as exc:
-        row, result = _refused(runtime, raw, now, f"{type(exc).__name__}: {exc}", claim)
+        return _refused(runtime, raw, now, f"{type(exc).__name__}: {exc}", claim)
     except Exception as exc:
         # A decoder bug or input it did not foresee: still a refusal, and kept. The type only:
         # the message may quote the attacker's bytes.
         log.warning("%s decoder raised %s", raw.channel, type(exc).__name__)
-        row, result = _refused(runtime, raw, now, f"unexpected {type(exc).__name__}", claim)
-    else:
-        row = _row(
-            runtime,
-            raw,
-            now,
-            verified=True,
-            kind=event.action,
-            order_no=event.order_no,
-            trade_no=event.trade_no,
-        )
-        result = Applied(False, "rejected", "not applied")
-        bad = _unstorable_id(event)
-        if bad:
-            # Signed, but no order can have such a number: refused like an unknown order.
-            event, result = None, Applied(False, "rejected", f"{bad} holds NUL or unpaired surrogates")
-    if result is OVER_BUDGET:
-        DROPPED.labels(raw.channel, "rate_limited").inc()
-        return result
-    pending = _Pending(row, event, result, now, asyncio.get_running_loop().create_future())
-    result = await _group_commit(runtime).submit(pending)
-    if not result.accepted:
-        log.warning("%s notification refused: %s %s", raw.channel, result.outcome, result.reason)
-    return result
+        return _refused(runtime, raw, now, f"unexpected {type(exc).__name__}", claim)
+    row = _row(
+        runtime, raw, now, verified=True, kind=event.action, order_no=event.order_no, trade_no=event.trade_no
+    )
+    bad = _unstorable_id(event)
+    if bad:
+        # Signed, but no order can have such a number: refused like an unknown order.
+        return row, None, Applied(False, "rejected", f"{bad} holds NUL or unpaired surrogates")
+    return row, event, Applied(False, "rejected", "not applied")  # the state machine decides
 
 
 def _refused(
@@ -431,14 +441,14 @@ def _refused(
     now: datetime,
     refusal: str,
     claim: Callable[[RawNotification], str | None] | None,
-) -> tuple[dict[str, Any], Applied]:
+) -> tuple[dict[str, Any], None, Applied] | Applied:
     """The row of a refused notice, or OVER_BUDGET when its source has had enough stored."""
     if not _budget(runtime).take(raw.source_ip, runtime.clock.now()):
-        return {}, OVER_BUDGET
+        return OVER_BUDGET
     # A refused notice is filed under the order it claims, so an order's audit trail shows
     # the forgeries aimed at it too (verified=False marks them).
     row = _row(runtime, raw, now, verified=False, order_no=_claimed(raw, claim))
-    return row, Applied(False, "rejected", refusal[:255])
+    return row, None, Applied(False, "rejected", refusal[:255])
 
 
 @dataclass(frozen=True)
