@@ -5,6 +5,10 @@ reads the per-number counter. A hit on several limits is all-or-nothing: if one
 refuses, the transaction rolls back and no counter moves. Rows are locked in key
 order so that two requests never deadlock on each other's counters. A window
 starts at its first hit and lasts `window` seconds.
+
+On MySQL/MariaDB a counter is bumped with one upsert: looking for a row that is not
+there yet takes a gap lock in InnoDB, and two requests that both found no row and
+then both insert it deadlock (seen as 500s from concurrent logins from one new IP).
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import case, delete, select, update
+from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -35,7 +40,30 @@ class RateLimited(Exception):
         self.retry_after = min(max(1, retry_after), max(1, limit.window_seconds))
 
 
+async def _hit_one_mysql(session: AsyncSession, limit: Limit, now: datetime) -> None:
+    live = Counter.expires_at > now
+    upsert = mysql_insert(Counter).values(
+        key=limit.key, count=1, expires_at=now + timedelta(seconds=limit.window_seconds)
+    )
+    # A list, not keywords: MySQL assigns in order, and `count` must still see the old expiry.
+    upsert = upsert.on_duplicate_key_update(
+        [
+            ("count", case((live, Counter.count + 1), else_=1)),
+            ("expires_at", case((live, Counter.expires_at), else_=upsert.inserted.expires_at)),
+        ]
+    )
+    await session.execute(upsert)
+    count, expires_at = (
+        await session.execute(select(Counter.count, Counter.expires_at).where(Counter.key == limit.key))
+    ).one()
+    if count > limit.limit:  # the caller rolls back, and the bump with it
+        raise RateLimited(limit, int((expires_at - now).total_seconds() + 0.999))
+
+
 async def _hit_one(session: AsyncSession, limit: Limit, now: datetime) -> None:
+    if session.get_bind().dialect.name in ("mysql", "mariadb"):
+        await _hit_one_mysql(session, limit, now)
+        return
     for _ in range(3):
         bumped = await session.execute(
             update(Counter)
