@@ -299,3 +299,28 @@ def test_the_start_up_lines_say_what_each_party_is(tmp_path: Path) -> None:
     assert "alipay not configured" in out and "sms console" in out
     assert "wechat_mp incomplete (missing MALLGATE_WECHAT_MP__APP_SECRET)" in out
     assert "SMS codes go to this log" in out
+
+
+async def test_files_under_var_are_private(tmp_path: Path) -> None:
+    """The SQLite database (with its -wal/-shm) and the sandbox's files are mode 0600."""
+    import stat
+
+    settings = _settings(tmp_path, sandbox=True, admin_token="a" * 20)
+    app = create_app(settings)
+    runtime = app.state.runtime
+    try:
+        await runtime.db.ping()
+        async with runtime.db.transaction() as session:
+            from sqlalchemy import text
+
+            await session.execute(text("CREATE TABLE IF NOT EXISTS t (x INTEGER)"))
+    finally:
+        await runtime.close()
+
+    def modes() -> dict[str, str]:
+        made = [p for p in tmp_path.rglob("*") if p.is_file()]
+        return {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in made}
+
+    found = modes()
+    assert "mallgate.db" in found and "sandbox/keys.json" in found and "secret_key" in found, found
+    assert all(mode == "0o600" for mode in found.values()), found

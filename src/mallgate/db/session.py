@@ -17,6 +17,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
+from mallgate.private_files import ensure_private_file
+
 T = TypeVar("T")
 
 # A failed statement's error message carries its parameters (mobile numbers, code hashes,
@@ -32,7 +34,7 @@ def engine_for(url: str, *, connect_timeout: float = 2.0, pool_size: int = 10) -
     if backend == "sqlite":
         database = parsed.database or ""
         if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
+            ensure_private_file(Path(database))
         kwargs = {"connect_args": {"timeout": 30}}
         if not database or database == ":memory:":
             kwargs["poolclass"] = StaticPool

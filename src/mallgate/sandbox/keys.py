@@ -15,6 +15,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from mallgate.keys import load_private_key, private_pem, public_pem
+from mallgate.private_files import write_private
 
 
 def _new_rsa() -> str:
@@ -66,10 +67,7 @@ class SandboxKeys:
         return keys
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        tmp.chmod(0o600)
-        tmp.replace(path)
+        write_private(path, json.dumps(asdict(self), indent=2).encode())
 
     @property
     def alipay_platform_public(self) -> str:

@@ -36,6 +36,7 @@ from mallgate.channels import sms_aliyun, sms_tencent
 from mallgate.channels.sms import SANDBOX_ALIYUN
 from mallgate.clock import BEIJING, Clock, default_clock
 from mallgate.mobile import parse_mobile
+from mallgate.private_files import ensure_private_file
 from mallgate.sandbox.pages import page
 from mallgate.settings import TencentSmsSettings
 
@@ -89,7 +90,7 @@ class SmsBook:
     """The messages, per-number rules and used Aliyun nonces, in one SQLite file shared by workers."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        ensure_private_file(path)
         self.path = path
         with self._write() as db:
             db.execute(

@@ -38,6 +38,7 @@ from mallgate.channels.wechat_pay_v3 import (
 )
 from mallgate.clock import Clock, default_clock
 from mallgate.keys import load_private_key
+from mallgate.private_files import write_private
 from mallgate.sandbox.app import WECHAT_APP_APP_ID, WECHAT_MINI_APP_ID, WECHAT_MP_APP_ID, WECHATPAY_MCH_ID
 from mallgate.sandbox.notifier import Notifier, Outgoing
 from mallgate.sandbox.pages import definition, deliveries_table, page
@@ -109,10 +110,7 @@ def platform_certificate(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    tmp.replace(path)
+    write_private(path, cert.public_bytes(serialization.Encoding.PEM))
     return cert
 
 
