@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session
 
 from mallgate.channels.errors import ChannelError
 from mallgate.db.models import PaymentNotification, table_of
+from mallgate.forwarded import rate_key
 from mallgate.runtime import Runtime
 from mallgate.services.orders import Applied, PaymentEvent, apply_events
 
@@ -443,7 +444,7 @@ def _refused(
     claim: Callable[[RawNotification], str | None] | None,
 ) -> tuple[dict[str, Any], None, Applied] | Applied:
     """The row of a refused notice, or OVER_BUDGET when its source has had enough stored."""
-    if not _budget(runtime).take(raw.source_ip, runtime.clock.now()):
+    if not _budget(runtime).take(rate_key(raw.source_ip), runtime.clock.now()):
         return OVER_BUDGET
     # A refused notice is filed under the order it claims, so an order's audit trail shows
     # the forgeries aimed at it too (verified=False marks them).
