@@ -156,7 +156,10 @@ async def start_server(
     settings: Settings, clock: TestClock, port: int
 ) -> tuple[Any, uvicorn.Server, asyncio.Task[None]]:
     app = create_app(settings, clock=clock)
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    # As `mallgate serve` runs it: mallgate.forwarded, not uvicorn, reads X-Forwarded-For.
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", proxy_headers=False
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     for _ in range(200):

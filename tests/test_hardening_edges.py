@@ -4,7 +4,6 @@ deep JSON, logs without secrets, logging in every worker, the admin API out of t
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import secrets
@@ -12,20 +11,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from conftest import Backend, Server, TestClock, free_port, make_settings
+from conftest import Backend, Server, free_port, other_server
 from mallgate.app import create_app
 from mallgate.channels import qr
 from mallgate.db.session import Database
@@ -34,34 +30,6 @@ from support import ADMIN, admin_create_user, unique, unique_mobile
 
 PASSWORD = "secret-123"
 MALLGATE = [sys.executable, "-m", "mallgate.cli"]
-
-
-@asynccontextmanager
-async def as_served(server: Server, **overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
-    """A second server with uvicorn set up as `mallgate serve` sets it up: no proxy handling of its own.
-
-    (The shared test server keeps uvicorn's default, which believes X-Forwarded-For from 127.0.0.1.)
-    """
-    port = free_port()
-    settings = make_settings(server.backend, server.settings.var_dir, port, **overrides)
-    app = create_app(settings, clock=TestClock())
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", proxy_headers=False
-    )
-    uv = uvicorn.Server(config)
-    task = asyncio.create_task(uv.serve())
-    for _ in range(200):
-        if uv.started or task.done():
-            break
-        await asyncio.sleep(0.02)
-    if task.done():
-        task.result()
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
-            yield http
-    finally:
-        uv.should_exit = True
-        await task
 
 
 async def seen_address(http: httpx.AsyncClient, headers: list[tuple[str, str]]) -> str:
@@ -95,12 +63,12 @@ async def send_sms(http: httpx.AsyncClient, forwarded_for: str) -> dict[str, Any
 
 
 async def test_forwarded_for_from_an_untrusted_peer_is_ignored(server: Server) -> None:
-    async with as_served(server, forwarded_allow_ips="10.0.0.0/8") as http:
+    async with other_server(server, forwarded_allow_ips="10.0.0.0/8") as http:
         assert await seen_address(http, [("X-Forwarded-For", "6.6.6.6")]) == "127.0.0.1"
 
 
 async def test_behind_a_trusted_proxy_the_rightmost_untrusted_address_is_the_client(server: Server) -> None:
-    async with as_served(server, forwarded_allow_ips="127.0.0.1, 10.0.0.0/8") as http:
+    async with other_server(server, forwarded_allow_ips="127.0.0.1, 10.0.0.0/8") as http:
         # The client wrote 6.6.6.6; our proxy appended the address it saw.
         assert await seen_address(http, [("X-Forwarded-For", "6.6.6.6, 7.7.7.7")]) == "7.7.7.7"
         # Our own proxies along the way are skipped; several headers are one list, in order.
@@ -114,7 +82,9 @@ async def test_behind_a_trusted_proxy_the_rightmost_untrusted_address_is_the_cli
 
 
 async def test_spoofing_the_leftmost_entry_does_not_reset_the_per_ip_sms_cap(server: Server) -> None:
-    async with as_served(server, forwarded_allow_ips="127.0.0.1", sms=SmsSettings(per_ip_hourly=3)) as http:
+    async with other_server(
+        server, forwarded_allow_ips="127.0.0.1", sms=SmsSettings(per_ip_hourly=3)
+    ) as http:
         client = public_ip()
         for _ in range(3):
             assert (await send_sms(http, f"{public_ip()}, {client}"))["status"] == 1
@@ -126,13 +96,15 @@ async def test_spoofing_the_leftmost_entry_does_not_reset_the_per_ip_sms_cap(ser
 
 async def test_ipv6_clients_are_counted_per_64(server: Server) -> None:
     prefix = f"2001:db8:{secrets.randbelow(65536):x}:{secrets.randbelow(65536):x}"
-    async with as_served(server, forwarded_allow_ips="127.0.0.1", sms=SmsSettings(per_ip_hourly=2)) as http:
+    async with other_server(
+        server, forwarded_allow_ips="127.0.0.1", sms=SmsSettings(per_ip_hourly=2)
+    ) as http:
         assert (await send_sms(http, f"{prefix}::1"))["status"] == 1
         assert (await send_sms(http, f"{prefix}:ffff:ffff:ffff:fff0"))["status"] == 1
         assert (await send_sms(http, f"{prefix}:1::2"))["code"] == "sms.ip_limit"
         assert (await send_sms(http, f"2001:db8:1:{secrets.randbelow(65536):x}::1"))["status"] == 1
     qrcode = QrcodeSettings(per_ip_per_minute=1)
-    async with as_served(server, forwarded_allow_ips="127.0.0.1", qrcode=qrcode) as http:
+    async with other_server(server, forwarded_allow_ips="127.0.0.1", qrcode=qrcode) as http:
         headers = {"X-Forwarded-For": f"{prefix}::1"}
         assert (await http.get("/api/qrcode", params={"data": "a"}, headers=headers)).status_code == 200
         headers = {"X-Forwarded-For": f"{prefix}::2"}
@@ -316,3 +288,9 @@ def test_short_admin_tokens_are_refused() -> None:
         Settings(_env_file=None, admin_token="x" * 15)  # type: ignore[call-arg]
     assert Settings(_env_file=None, admin_token="").admin_token == ""  # type: ignore[call-arg]
     assert Settings(_env_file=None, admin_token="x" * 16).admin_token == "x" * 16  # type: ignore[call-arg]
+
+
+async def test_a_wrong_method_is_405_with_allow(client: httpx.AsyncClient) -> None:
+    answer = await client.put("/api/order/payment")
+    assert answer.status_code == 405 and answer.json()["code"] == "method_not_allowed"
+    assert set(answer.headers["allow"].replace(" ", "").split(",")) == {"GET", "POST"}

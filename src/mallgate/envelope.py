@@ -66,7 +66,9 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         info, code = _HTTP_INFO.get(exc.status_code, (str(exc.detail), "http_error"))
-        return fail(info, code, exc.status_code)
+        answer = fail(info, code, exc.status_code)
+        answer.headers.update(exc.headers or {})  # 405's Allow, which clients and probes read
+        return answer
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
