@@ -99,7 +99,11 @@ class Hasher:
 
     async def _run(self, work: Callable[..., T], *args: Any) -> T:
         await self._take_slot()
-        future = asyncio.get_running_loop().run_in_executor(self._executor, work, *args)
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._executor, work, *args)
+        except BaseException:
+            self._slots.release()
+            raise
         future.add_done_callback(lambda _done: self._slots.release())
         return await asyncio.shield(future)
 
