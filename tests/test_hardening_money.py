@@ -18,6 +18,7 @@ import pytest
 from sqlalchemy import select, update
 from test_notify_alipay import audit, effective, post, signed
 from test_notify_wechat import post_v2, post_v3, refund_resource, transaction, v2_payment, v3_notice
+from test_notify_wechat import v2_refund as wechat_v2_refund
 
 from conftest import Server
 from mallgate.channels import wechat_pay
@@ -56,29 +57,7 @@ def alipay_refund(server: Server, order_no: str, amount: str, trade_no: str, tot
 def v2_refund(
     server: Server, order_no: str, trade_no: str, refund_id: str, refund_fee: int, total: int
 ) -> bytes:
-    pay = effective(server).wechat_pay
-    inner = {
-        "transaction_id": trade_no,
-        "out_trade_no": order_no,
-        "refund_id": refund_id,
-        "out_refund_no": "R" + refund_id,
-        "total_fee": str(total),
-        "refund_fee": str(refund_fee),
-        "settlement_refund_fee": str(refund_fee),
-        "refund_status": "SUCCESS",
-        "success_time": "2024-05-21 09:00:00",
-        "refund_recv_accout": "支付用户零钱",
-        "refund_account": "REFUND_SOURCE_RECHARGE_FUNDS",
-        "refund_request_source": "API",
-    }
-    outer = {
-        "return_code": "SUCCESS",
-        "appid": pay.app_id,
-        "mch_id": pay.mch_id,
-        "nonce_str": secrets.token_hex(8),
-        "req_info": wechat_pay.encrypt_refund_req_info(inner, pay.api_key),
-    }
-    return wechat_pay.to_xml(outer)
+    return wechat_v2_refund(server, order_no, refund_id, refund_fee, total, trade_no=trade_no)
 
 
 Send = Callable[[], Awaitable[bool]]

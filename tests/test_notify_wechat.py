@@ -64,10 +64,12 @@ def v2_payment(
     return fields
 
 
-def v2_refund(server: Server, order_no: str, refund_id: str, refund_fee: int, total_fee: int) -> bytes:
+def v2_refund(
+    server: Server, order_no: str, refund_id: str, refund_fee: int, total_fee: int, trade_no: str = ""
+) -> bytes:
     pay = effective(server).wechat_pay
     inner = {
-        "transaction_id": "4200" + secrets.token_hex(12)[:24],
+        "transaction_id": trade_no or "4200" + secrets.token_hex(12)[:24],
         "out_trade_no": order_no,
         "refund_id": refund_id,
         "out_refund_no": "R" + refund_id,

@@ -64,6 +64,9 @@ async def get_order(runtime: RuntimeDep, order_no: OrderNo) -> JSONResponse:
 async def create_user(runtime: RuntimeDep, params: ParamsDep) -> JSONResponse:
     raw_mobile = params.text("mobile", required=False, max_length=20)
     mobile = normalize_mobile(raw_mobile) if raw_mobile else None
+    nickname = params.text("nickname", required=False, max_length=64)
+    password = params.text("password", required=False, max_length=64)
+    password_hash = await accounts.hasher(runtime).hash(password) if password else None
     async with runtime.db.transaction() as session:
         if mobile and await accounts.find_by_mobile(session, mobile):
             raise ApiError("该手机号已注册", "user.exists", field="mobile")
@@ -71,8 +74,8 @@ async def create_user(runtime: RuntimeDep, params: ParamsDep) -> JSONResponse:
             session,
             runtime.clock.utcnow().replace(tzinfo=None),
             mobile=mobile,
-            nickname=params.text("nickname", required=False, max_length=64),
-            password=params.text("password", required=False, max_length=64) or None,
+            nickname=nickname,
+            password_hash=password_hash,
         )
         return ok(accounts.profile(user))
 

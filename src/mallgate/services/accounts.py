@@ -37,12 +37,6 @@ def validate_password(password: str) -> None:
         raise ApiError(f"密码长度应为 {MIN_PASSWORD}-{MAX_PASSWORD} 位", "password.invalid")
 
 
-def hash_password(password: str) -> str:
-    """On the calling thread: for request handlers, `hasher(runtime).hash` keeps the event loop free."""
-    validate_password(password)
-    return _hasher.hash(password)
-
-
 def check_password(password_hash: str | None, password: str) -> bool:
     if not password_hash:
         return False
@@ -167,7 +161,7 @@ async def create_user(
     *,
     mobile: str | None = None,
     nickname: str = "",
-    password: str | None = None,
+    password_hash: str | None = None,
     spread_id: int | None = None,
     avatar: str = "",
     sex: int = 0,
@@ -178,7 +172,8 @@ async def create_user(
         nickname=nickname or (f"用户{mobile[-4:]}" if mobile else "微信用户"),
         avatar=avatar,
         sex=sex,
-        password_hash=hash_password(password) if password else None,
+        # Hashed by the caller through `hasher(runtime)`: argon2 must not run on the event loop.
+        password_hash=password_hash,
         spread_id=await _valid_referrer(session, spread_id),
         balance=Decimal("0.00"),
         created_at=now,
