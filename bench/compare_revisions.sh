@@ -15,7 +15,7 @@ git worktree add --detach --force "$old" "$rev" >/dev/null 2>&1
 for round in $(seq "$rounds"); do
   for side in new old; do
     if [ "$side" = old ]; then src="$old/src"; else src="$PWD/src"; fi
-    out=$(PYTHONPATH="$src" .venv/bin/python bench/notify.py --db "$db" --seconds "$seconds" 2>/dev/null)
-    echo "round $round $side | $(grep 'mallgate POST pay/notify' <<<"$out") | $(grep 'mallgate notify / peer' <<<"$out")"
+    out=$(PYTHONPATH="$src" .venv/bin/python bench/notify.py --db "$db" --rounds 1 --seconds "$seconds" 2>/dev/null)
+    echo "round $round $side | $(grep '\] mallgate notify' <<<"$out") | $(grep 'mallgate/peer' <<<"$out")"
   done
 done

@@ -51,7 +51,12 @@ Request = tuple[str, str, dict[str, str], bytes]  # method, path, headers, body
 
 
 async def python_load(
-    base: str, make_request: Callable[[int], Request], connections: int, seconds: float, label: str
+    base: str,
+    make_request: Callable[[int], Request],
+    connections: int,
+    seconds: float,
+    label: str,
+    expect: str | None = None,
 ) -> Result:
     latencies: list[float] = []
     errors = 0
@@ -68,7 +73,9 @@ async def python_load(
                 started = time.perf_counter()
                 try:
                     response = await client.request(method, path, headers=headers, content=body or None)
-                    if response.status_code >= 400:
+                    if response.status_code >= 400 or (
+                        expect is not None and (response.status_code != 200 or response.text != expect)
+                    ):
                         errors += 1
                 except httpx.HTTPError:
                     errors += 1
@@ -92,12 +99,41 @@ end
 """
 
 
+# Counts every answer that is not HTTP 200 with exactly the expected body: a refused notice
+# ("failure") must never count as throughput.
+_WRK_EXPECT = """
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) wrong = 0 end
+function response(status, headers, body)
+  if status ~= 200 or body ~= EXPECTED then wrong = wrong + 1 end
+end
+done = function(summary, latency, requests)
+  local bad = 0
+  for _, t in ipairs(threads) do bad = bad + t:get("wrong") end
+  io.write(string.format("MG %d %.3f %.3f %.3f %d\\n", summary.requests, summary.duration / 1e6,
+    latency:percentile(50) / 1000, latency:percentile(99) / 1000,
+    bad + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
+end
+"""
+
+
 def wrk_load(
-    base: str, lua_request: str, connections: int, seconds: float, label: str, threads: int = 2
+    base: str,
+    lua_request: str,
+    connections: int,
+    seconds: float,
+    label: str,
+    threads: int = 2,
+    expect: str | None = None,
 ) -> Result:
-    """Run wrk with a Lua `request` function (or none for a plain GET of the path in `base`)."""
+    """Run wrk with a Lua `request` function (or none for a plain GET of the path in `base`).
+
+    With `expect`, an answer that is not HTTP 200 with exactly that body counts as an error.
+    """
+    summary = _WRK_DONE if expect is None else f"EXPECTED = [==[{expect}]==]\n" + _WRK_EXPECT
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(lua_request + _WRK_DONE)
+        script.write(lua_request + summary)
     out = subprocess.run(
         [
             "wrk",
