@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
+import re
+import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
+from fastapi_offline import FastAPIOffline
 from starlette.datastructures import State
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -25,6 +31,7 @@ from mallgate.settings import Settings
 log = logging.getLogger("mallgate")
 
 NOTIFY_SUFFIXES = ("/pay/notify", "/wechat/notify")
+DOCS_ASSETS = "/docs/assets"
 CORS_HEADERS = ["Auth-Token", "Content-Type", "Authorization", "X-Requested-With", "Accept", "Origin"]
 
 
@@ -50,6 +57,52 @@ def api_router() -> APIRouter:
     router.include_router(sms.router)
     router.include_router(login.router)
     return router
+
+
+HTTP_METHODS = ("get", "head", "post", "put", "patch", "delete", "options", "trace")
+# The method FastAPI appends to a generated operation id: of whichever method a set yields first.
+_METHOD_SUFFIX = re.compile(r"_(?:" + "|".join(HTTP_METHODS) + r")$")
+
+
+def unique_operation_ids(schema: dict[str, Any]) -> dict[str, Any]:
+    """One operation id per (path, method): `<name>_<path>_<method>`.
+
+    FastAPI names an operation per route, not per method, so a route served for GET and POST
+    (send_sms, user/info, order/payment) had both operations under one id: the "Duplicate
+    Operation ID" warning, and clashing functions in a generated client. An id still shared
+    after this names two different routes: that is warned about, as FastAPI would.
+    """
+    seen: dict[str, int] = {}
+    for operations in schema.get("paths", {}).values():
+        ids = [op.get("operationId") for m, op in operations.items() if m in HTTP_METHODS]
+        for method, operation in operations.items():
+            op_id = operation.get("operationId") if method in HTTP_METHODS else None
+            if op_id is None:
+                continue
+            if ids.count(op_id) > 1:
+                op_id = operation["operationId"] = f"{_METHOD_SUFFIX.sub('', op_id)}_{method}"
+            seen[op_id] = seen.get(op_id, 0) + 1
+    for op_id, count in seen.items():
+        if count > 1:
+            warnings.warn(f"Duplicate Operation ID {op_id} in /openapi.json", stacklevel=1)
+    return schema
+
+
+def openapi_schema(app: FastAPI) -> dict[str, Any]:
+    """/openapi.json, built once, with an operation id per (path, method)."""
+    if app.openapi_schema is None:
+        with warnings.catch_warnings():
+            # The warnings FastAPI gives for a route with several methods; fixed just below.
+            warnings.filterwarnings("ignore", message="Duplicate Operation ID", category=UserWarning)
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                openapi_version=app.openapi_version,
+                description=app.description,
+                routes=app.routes,
+            )
+        app.openapi_schema = unique_operation_ids(schema)
+    return app.openapi_schema
 
 
 class NotifyLane:
@@ -107,7 +160,11 @@ def create_app(
             await sandbox_app.state.sandbox.aclose()
         await runtime.close()
 
-    app = FastAPI(title="mallgate", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    # Swagger UI's scripts and styles from the fastapi-offline package: /docs works with no network.
+    app = FastAPIOffline(
+        docs_url="/docs", redoc_url=None, static_url=DOCS_ASSETS, title="mallgate", lifespan=lifespan
+    )
+    app.openapi = functools.partial(openapi_schema, app)  # type: ignore[method-assign]
     app.state.runtime = runtime
     install_handlers(app)
 
