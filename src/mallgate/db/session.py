@@ -80,26 +80,34 @@ class _SqliteWriteLock:
 
     SQLite's own busy handler sleeps in growing steps (up to 100 ms) while another
     process holds the write lock, which turns two busy workers into long stalls.
-    Held only around synchronous work, so it never waits on the event loop.
+    Held only around synchronous work, so it never waits on the event loop. The lock
+    file stays open (opening and closing it cost up to a millisecond under the lock);
+    it is opened by the process that locks it, since a descriptor inherited across a
+    fork shares its flock with the parent and would exclude nothing.
     """
 
     def __init__(self, database: str) -> None:
         self.path = f"{database}.writelock" if database and database != ":memory:" else ""
         self.local = threading.Lock()
         self.fd = -1
+        self.pid = 0
 
     def __enter__(self) -> None:
         self.local.acquire()
         if self.path:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            if self.pid != os.getpid():
+                self.fd, self.pid = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600), os.getpid()
             fcntl.flock(self.fd, fcntl.LOCK_EX)
 
     def __exit__(self, *_exc: object) -> None:
-        if self.fd >= 0:
+        if self.path:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = -1
         self.local.release()
+
+    def close(self) -> None:
+        if self.pid == os.getpid() and self.fd >= 0:
+            os.close(self.fd)
+        self.fd, self.pid = -1, 0
 
 
 SQLITE_BEGIN = "mallgate_sqlite_begin"
@@ -134,11 +142,15 @@ class Database:
         """
         if self._sync_sessions is not None:
             factory = self._sync_sessions
+            engine = factory.kw["bind"]
             lock = self._write_lock
 
             def in_thread() -> T:
-                with lock, factory() as session, session.begin():
-                    return work(session)
+                # Check the connection out before taking the lock: the lock covers
+                # BEGIN IMMEDIATE ... COMMIT and nothing else.
+                with engine.connect() as connection:
+                    with lock, factory(bind=connection) as session, session.begin():
+                        return work(session)
 
             return await asyncio.to_thread(in_thread)
         async with self.transaction() as session:
@@ -173,3 +185,4 @@ class Database:
         if self._sync_sessions is not None:
             bind = self._sync_sessions.kw["bind"]
             await asyncio.to_thread(bind.dispose)
+            self._write_lock.close()
