@@ -562,7 +562,9 @@ async def test_alipay_wap_cashier_pays(
     query["biz_content"] = query["biz_content"].replace("3.30", "0.01")
     forged = await client.get(f"{parts.scheme}://{parts.netloc}{parts.path}?{urlencode(query)}")
     assert forged.status_code == 400 and "isv.invalid-signature" in forged.text
-    paid_page = await client.post(f"{MOUNT}/alipay/cashier/pay", data={"out_trade_no": order["order_no"]})
+    paid = await client.post(f"{MOUNT}/alipay/cashier/pay", data={"out_trade_no": order["order_no"]})
+    assert paid.status_code == 303  # redirect after POST: a refresh shows the result, it pays nothing
+    paid_page = await client.get(f"{MOUNT}/alipay/cashier/{paid.headers['location']}")
     assert paid_page.status_code == 200 and "https://shop.example/done?" in paid_page.text
     assert (await admin_get_order(client, order["order_no"]))["status"] == "paid"
 
@@ -613,8 +615,10 @@ async def test_wechat_native_and_mweb(
     assert mweb.mweb_url.startswith(f"{server.url}{MOUNT}/wechatpay/cashier?prepay_id={mweb.prepay_id}")
     page = await client.get(mweb.mweb_url)
     assert page.status_code == 200 and order["order_no"] in page.text and "1.00" in page.text
-    paid_page = await client.post(f"{MOUNT}/wechatpay/cashier/pay", data={"prepay_id": mweb.prepay_id})
-    assert paid_page.status_code == 200
+    paid = await client.post(f"{MOUNT}/wechatpay/cashier/pay", data={"prepay_id": mweb.prepay_id})
+    assert paid.status_code == 303
+    paid_page = await client.get(f"{MOUNT}/wechatpay/cashier/{paid.headers['location']}")
+    assert paid_page.status_code == 200 and order["order_no"] in paid_page.text
     assert (await admin_get_order(client, order["order_no"]))["status"] == "paid"
 
 
@@ -660,15 +664,17 @@ async def test_pay_page_form_and_delivery_log(
     server: Server, client: httpx.AsyncClient, quiet_retries: Payments
 ) -> None:
     index = await client.get(f"{MOUNT}/")
-    assert "Alipay" in index.text and "WeChat Pay" in index.text and f"{MOUNT}/pay" in index.text
+    assert "Alipay" in index.text and "WeChat Pay" in index.text and 'href="./pay"' in index.text
     form_page = await client.get(f"{MOUNT}/pay")
-    assert form_page.status_code == 200 and "<form" in form_page.text and "name=order_no" in form_page.text
+    assert form_page.status_code == 200 and "<form" in form_page.text and 'name="order_no"' in form_page.text
     order = await admin_create_order(client, amount="2.00")
     sent = await client.post(
         f"{MOUNT}/pay",
         data={"channel": "wechat", "order_no": order["order_no"], "amount": "2.00", "wechat_version": "v3"},
     )
-    assert sent.status_code == 200 and order["order_no"] in sent.text
+    assert sent.status_code == 303
+    shown = await client.get(f"{MOUNT}/{sent.headers['location']}")
+    assert shown.status_code == 200 and order["order_no"] in shown.text
     log = (await client.get(f"{MOUNT}/pay/deliveries", params={"order_no": order["order_no"]})).json()
     assert log["status"] == 1 and [d["protocol"] for d in log["data"]] == ["wechat_v3"]
     assert log["data"][0]["attempts"][0]["status"] in (200, 204)

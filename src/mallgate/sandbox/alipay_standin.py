@@ -12,12 +12,11 @@ import json
 import secrets
 from collections.abc import Callable
 from decimal import Decimal
-from html import escape
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import RedirectResponse, Response
 
 from mallgate.channels.alipay import parse_form, sign_notification, sign_response, verify_request
 from mallgate.channels.errors import MalformedNotification, NotAuthentic
@@ -25,7 +24,7 @@ from mallgate.clock import Clock, default_clock
 from mallgate.keys import load_private_key
 from mallgate.sandbox.app import ALIPAY_APP_ID, ALIPAY_SELLER_ID
 from mallgate.sandbox.notifier import Notifier, Outgoing
-from mallgate.sandbox.pages import definition, deliveries_table, page
+from mallgate.sandbox.pages import message, render
 from mallgate.sandbox.trades import (
     Outcome,
     SandboxError,
@@ -133,11 +132,11 @@ class AlipayStandIn:
             try:
                 params = self._checked_params(body, query)
                 if params["method"] == "alipay.trade.wap.pay":
-                    return self._cashier(params)
+                    return self._cashier(request, params)
                 return self._trade_query(params)
             except GatewayError as exc:
                 if method == "alipay.trade.wap.pay":
-                    return page("支付宝 · 错误", definition(exc.payload.items()), status_code=400)
+                    return message(request, "支付宝 · 错误", rows=exc.payload, status_code=400)
                 key = method.replace(".", "_") + "_response" if method in _METHODS else "error_response"
                 text = json.dumps({key: exc.payload}, ensure_ascii=False, separators=(",", ":"))
                 return Response(text, media_type=_JSON)
@@ -147,25 +146,30 @@ class AlipayStandIn:
             form = await request.form()
             order_no = str(form.get("out_trade_no", ""))
             try:
-                outcome = await self.settle(order_no=order_no, kind="pay")
+                await self.settle(order_no=order_no, kind="pay")
             except SandboxError as exc:
-                return page("支付宝 · 错误", f"<p>{escape(str(exc))}</p>", status_code=400)
-            back = ""
-            if outcome.trade.return_url:
-                link = escape(self.return_link(outcome.trade))
-                back = f'<p><a href="{link}">返回商家 (return to the shop)</a></p>'
-            return page(
-                "支付宝 · 支付成功",
-                definition(
-                    [
-                        ("out_trade_no", outcome.trade.out_trade_no),
-                        ("trade_no", outcome.trade.trade_no),
-                        ("total_amount", yuan(outcome.trade.amount)),
-                    ]
+                return message(request, "支付宝 · 错误", str(exc), status_code=400)
+            # Redirect after POST: a refresh of the result would otherwise send the notice again.
+            return RedirectResponse(f"done?out_trade_no={quote(order_no, safe='')}", status_code=303)
+
+        @router.get("/alipay/cashier/done", name="alipay_cashier_done")
+        async def cashier_done(request: Request, out_trade_no: str = "") -> Response:
+            trade = self._book.get("alipay", out_trade_no)
+            if trade is None or trade.status != "paid":
+                return message(
+                    request, "支付宝 · 错误", "交易不存在或未支付 (no such paid trade)", status_code=404
                 )
-                + back
-                + "<h2>Notification</h2>"
-                + deliveries_table(outcome.deliveries),
+            return render(
+                request,
+                "cashier_done.html",
+                title="支付宝 · 支付成功",
+                rows=[
+                    ("out_trade_no", trade.out_trade_no),
+                    ("trade_no", trade.trade_no),
+                    ("total_amount", yuan(trade.amount)),
+                ],
+                return_link=self.return_link(trade) if trade.return_url else "",
+                deliveries=self._notifier.of_order(trade.out_trade_no, "pay", ("alipay",)),
             )
 
         return router
@@ -231,19 +235,19 @@ class AlipayStandIn:
         # Alipay leaves out what it does not know (a closed unpaid trade has no buyer) rather than send "".
         return {k: v for k, v in payload.items() if v != ""}
 
-    def _cashier(self, params: dict[str, str]) -> Response:
+    def _cashier(self, request: Request, params: dict[str, str]) -> Response:
         biz = _biz_content(params)
         out_trade_no = str(biz.get("out_trade_no") or "")
         try:
             amount = parse_yuan(str(biz.get("total_amount") or ""), "total_amount")
         except SandboxError as exc:
-            return page("支付宝 · 错误", f"<p>{escape(str(exc))}</p>", status_code=400)
+            return message(request, "支付宝 · 错误", str(exc), status_code=400)
         if not out_trade_no:
-            return page("支付宝 · 错误", "<p>缺少 out_trade_no</p>", status_code=400)
+            return message(request, "支付宝 · 错误", "缺少 out_trade_no", status_code=400)
         trade = self._book.get("alipay", out_trade_no)
         if trade is not None and trade.status != "pending":
             state = "已支付 (already paid)" if trade.status == "paid" else "已关闭 (closed)"
-            return page("支付宝 · 收银台", f"<p>订单 {escape(out_trade_no)} {state}</p>")
+            return message(request, "支付宝 · 收银台", f"订单 {out_trade_no} {state}")
         trade = self._book.put(
             Trade(
                 channel="alipay",
@@ -255,14 +259,16 @@ class AlipayStandIn:
                 created_at=self._clock.beijing(),
             )
         )
-        return page(
-            "支付宝 · 收银台 (sandbox cashier)",
-            definition([("商品 subject", trade.subject), ("订单号 out_trade_no", out_trade_no)])
-            + f"<p style='font-size:2em'>¥ {escape(yuan(amount))}</p>"
+        return render(
+            request,
+            "cashier.html",
+            title="支付宝 · 收银台 (sandbox cashier)",
+            rows=[("商品 subject", trade.subject), ("订单号 out_trade_no", out_trade_no)],
+            amount=yuan(amount),
             # Relative to gateway.do, so the form works wherever the sandbox is mounted.
-            + "<form method=post action='cashier/pay'>"
-            f"<input type=hidden name=out_trade_no value='{escape(out_trade_no, quote=True)}'>"
-            "<button>确认付款 (pay)</button></form>",
+            action="cashier/pay",
+            hidden={"out_trade_no": out_trade_no},
+            button="确认付款 (pay)",
         )
 
     def return_link(self, trade: Trade) -> str:

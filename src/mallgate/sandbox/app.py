@@ -1,24 +1,29 @@
 """The local stand-in of every third party, as one ASGI app mounted at /_sandbox.
 
-Each stand-in registers a router and a line for the index page. The stand-ins
-speak the platforms' real wire protocols with the sandbox's own keys, so the
-service's channel code runs unchanged against them.
+Each stand-in registers a router and its part of the console (``/_sandbox/``): a
+template and the function that fills it with the stand-in's recent traffic. The
+stand-ins speak the platforms' real wire protocols with the sandbox's own keys, so
+the service's channel code runs unchanged against them.
 """
 
 from __future__ import annotations
 
-import html
+import asyncio
 import logging
+import re
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse
+from markupsafe import Markup
 from pydantic import BaseModel
 
 from mallgate.parties import SandboxRefused, sandbox_problems, sandbox_wanted
 from mallgate.sandbox.keys import SandboxKeys
+from mallgate.sandbox.pages import fragment, render, root
 from mallgate.settings import Settings
 
 log = logging.getLogger("mallgate.sandbox")
@@ -35,12 +40,35 @@ QQ_APP_ID = "100000001"
 APPLE_BUNDLE_ID = "com.example.mallgate"
 
 
+# What a stand-in's console section shows, gathered afresh on each view of the console.
+SectionContext = Callable[[], Awaitable[Mapping[str, Any]]]
+
+
+async def _nothing() -> Mapping[str, Any]:
+    return {}
+
+
 @dataclass
 class StandIn:
+    """One third party's stand-in: its routes and its part of the console.
+
+    A new stand-in joins the console by giving ``section`` (a template under
+    ``sandbox/templates/``, rendered with ``context()``'s values plus ``root``, the
+    relative way to the sandbox's root) and, when it has a page of its own, ``page``
+    (the navigation on every page links it); the console itself is never edited.
+    """
+
     name: str
     summary: str
     router: APIRouter
     links: list[tuple[str, str]] = field(default_factory=list)
+    section: str = ""
+    context: SectionContext = _nothing
+    page: str = ""
+
+    @property
+    def anchor(self) -> str:
+        return re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-") or "standin"
 
 
 class Resource(Protocol):
@@ -151,6 +179,21 @@ def _standins(state: SandboxState) -> list[StandIn]:
     return [*payment_standins(state), sms_standin(state)]
 
 
+@dataclass(frozen=True)
+class _Section:
+    standin: StandIn
+    html: Markup | str
+
+
+async def _sections(standins: list[StandIn], base: str) -> list[_Section]:
+    """Every stand-in's part of the console, their traffic gathered side by side."""
+    contexts = await asyncio.gather(*(s.context() for s in standins))
+    return [
+        _Section(s, fragment(s.section, {**values, "root": base}) if s.section else "")
+        for s, values in zip(standins, contexts, strict=True)
+    ]
+
+
 def create_sandbox_app(folder: Path, service_url: str = "") -> FastAPI:
     state = SandboxState(keys=SandboxKeys.load_or_create(folder), folder=folder, service_url=service_url)
     state.standins = _standins(state)
@@ -160,20 +203,14 @@ def create_sandbox_app(folder: Path, service_url: str = "") -> FastAPI:
         app.include_router(standin.router)
 
     @app.get("/", response_class=HTMLResponse)
-    async def index() -> HTMLResponse:
-        from mallgate.sandbox.pages import page
-
-        items = "".join(
-            f"<li><b>{html.escape(s.name)}</b>: {html.escape(s.summary)}"
-            + "".join(f' <a href="{MOUNT}{html.escape(u)}">{html.escape(t)}</a>' for t, u in s.links)
-            + "</li>"
-            for s in state.standins
-        )
-        return page(
-            "mallgate sandbox",
-            "<p>Local stand-ins of the third parties, with their own keys "
-            f"(kept in {html.escape(str(folder))}). Service: {html.escape(state.service_url or '-')}</p>"
-            f"<ul>{items or '<li>No stand-ins yet.</li>'}</ul>",
+    async def index(request: Request) -> HTMLResponse:
+        return render(
+            request,
+            "console.html",
+            title="Sandbox console",
+            folder=str(folder),
+            service_url=state.service_url,
+            sections=await _sections(state.standins, root(request)),
         )
 
     return app

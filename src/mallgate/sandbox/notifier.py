@@ -13,7 +13,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
@@ -86,6 +86,13 @@ class Attempt:
     ok: bool
     error: str = ""
     elapsed_ms: int = 0
+
+    @property
+    def answer(self) -> str:
+        """The service's answer in a log line: status and body (repr: no line breaks reach the log)."""
+        if self.status is None:
+            return self.error or "no answer"
+        return f"HTTP {self.status} {self.body[:200]!r}"
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -171,6 +178,14 @@ class Notifier:
         """Newest first."""
         return list(reversed(self._log))
 
+    def of_order(self, order_no: str, kind: str, protocols: Collection[str]) -> list[Delivery]:
+        """The kept deliveries of one order's payment, refund or close, newest first."""
+        return [
+            d
+            for d in self.deliveries
+            if d.order_no == order_no and d.kind == kind and d.protocol in protocols
+        ]
+
     async def deliver(
         self,
         protocol: Protocol,
@@ -232,9 +247,26 @@ class Notifier:
                 if attempt.ok:
                     delivery.state = "delivered"
                     return
+                if number == 1:
+                    # Once per delivery, not per retry: the page shows every attempt.
+                    log.warning(
+                        "sandbox: the service did not accept %s notification %d (%s of order %r): %s;"
+                        " retrying on the platform's schedule",
+                        delivery.protocol,
+                        delivery.id,
+                        delivery.kind,
+                        delivery.order_no,
+                        attempt.answer,
+                    )
             delivery.state = "failed"
             log.info(
-                "sandbox: gave up on %s notification %d to %s", delivery.protocol, delivery.id, delivery.url
+                "sandbox: gave up on %s notification %d (%s of order %r) to %s; last answer: %s",
+                delivery.protocol,
+                delivery.id,
+                delivery.kind,
+                delivery.order_no,
+                delivery.url,
+                delivery.attempts[-1].answer if delivery.attempts else "none",
             )
         except asyncio.CancelledError:
             delivery.state = "cancelled"

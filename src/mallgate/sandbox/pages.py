@@ -1,78 +1,127 @@
-"""The few HTML pages the payment stand-ins show a person: cashiers, the pay form, the delivery log.
+"""The sandbox's HTML: one Jinja2 environment over the templates shipped in ``sandbox/templates/``.
 
-Plain HTML, every value escaped; links are relative so the pages work wherever
-the sandbox is mounted.
+Autoescaping is on for every template, so a value (an order number, an SMS text, the
+service's answer) is always text on the page, never markup. Every page extends
+``layout.html``: the red SANDBOX banner and the navigation between the stand-ins.
+Links are relative to the page (``root`` leads back to the console), so the pages
+work wherever the sandbox is mounted, behind a proxy that strips a prefix too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
-from html import escape
+from typing import TYPE_CHECKING, Any, Final
 
+from fastapi import Request
 from fastapi.responses import HTMLResponse
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+from markupsafe import Markup
 
 from mallgate.clock import BEIJING
-from mallgate.sandbox.notifier import Delivery
 
-_STYLE = (
-    "body{font-family:system-ui,sans-serif;max-width:60em;margin:1em auto;padding:0 1em}"
-    "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .5em;text-align:left;"
-    "vertical-align:top}code{font-size:.9em}.ok{color:#080}.bad{color:#b00}"
-    "button{font-size:1.2em;padding:.3em 1.5em}label{display:block;margin:.3em 0}"
-    ".sandbox-banner{background:#b00;color:#fff;font-weight:bold;padding:.4em 1em;text-align:center;"
-    "letter-spacing:.1em}"
-)
-# On every page, so nobody takes a stand-in's cashier or inbox for the real platform's.
-BANNER = (
-    "<div class=sandbox-banner role=alert>SANDBOX · 沙箱环境：以下均为本地模拟，不涉及真实资金与短信</div>"
-)
+if TYPE_CHECKING:
+    from mallgate.sandbox.app import StandIn
+
+TEMPLATES: Final = "templates"
+CONSOLE_TITLE: Final = "Console"
 
 
-def page(title: str, body: str, status_code: int = 200) -> HTMLResponse:
-    return HTMLResponse(
-        f"<!doctype html><meta charset=utf-8><meta name=viewport content='width=device-width'>"
-        f"<title>{escape(title)}</title><style>{_STYLE}</style>{BANNER}<h1>{escape(title)}</h1>{body}",
-        status_code=status_code,
-    )
-
-
-def definition(rows: Iterable[tuple[str, str]]) -> str:
-    return (
-        "<table>"
-        + "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in rows)
-        + "</table>"
-    )
-
-
-def _time(at: float | None) -> str:
+def clock_time(at: float | None) -> str:
+    """A moment of today's traffic, to the millisecond: retries come fractions of a second apart."""
     if at is None:
         return ""
     return datetime.fromtimestamp(at, BEIJING).strftime("%H:%M:%S.%f")[:-3]
 
 
-def deliveries_table(deliveries: Sequence[Delivery]) -> str:
-    if not deliveries:
-        return "<p>No notifications sent yet.</p>"
-    rows = []
-    for d in deliveries:
-        attempts = "<br>".join(
-            f"#{a.number} {_time(a.at)} "
-            + (
-                f"<span class=ok>{a.status}</span>"
-                if a.ok
-                else f"<span class=bad>{a.status or a.error}</span>"
-            )
-            + f" <code>{escape(a.body[:120])}</code>"
-            for a in d.attempts
-        )
-        state = d.state + (f" (next {_time(d.next_attempt_at)})" if d.next_attempt_at else "")
-        rows.append(
-            f"<tr><td>{d.id}{' dup ' + str(d.copy) if d.copy else ''}</td><td>{escape(d.protocol)}</td>"
-            f"<td>{escape(d.kind)}</td><td>{escape(d.order_no)}</td><td>{escape(state)}</td>"
-            f"<td>{attempts}</td><td><code>{escape(d.url)}</code></td></tr>"
-        )
-    return (
-        "<table><tr><th>#</th><th>protocol</th><th>kind</th><th>order</th><th>state</th>"
-        "<th>attempts</th><th>to</th></tr>" + "".join(rows) + "</table>"
+def date_time(at: float) -> str:
+    return datetime.fromtimestamp(at, BEIJING).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@functools.cache
+def environment() -> Environment:
+    """The one environment: templates are compiled once and kept (they change only on install)."""
+    env = Environment(
+        loader=PackageLoader("mallgate.sandbox", TEMPLATES),
+        # Every template escapes, whatever its name ends with; strings rendered directly too.
+        autoescape=select_autoescape(("html",), default_for_string=True, default=True),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        auto_reload=False,
+    )
+    env.filters["clock"] = clock_time
+    env.filters["when"] = date_time
+    return env
+
+
+def route_path(request: Request) -> str:
+    """The request's path inside the sandbox app ("/pay"), wherever the app is mounted."""
+    path: str = request.scope["path"]
+    mount: str = request.scope.get("root_path", "")
+    return path[len(mount) :] if mount and path.startswith(mount) else path
+
+
+def root(request: Request) -> str:
+    """The relative way from this page to the sandbox's root: "./" at /pay, "../../" at /a/b/c."""
+    depth = route_path(request).count("/") - 1
+    return "../" * depth if depth > 0 else "./"
+
+
+@dataclass(frozen=True)
+class NavItem:
+    title: str
+    href: str
+    current: bool = False
+
+
+def navigation(request: Request, base: str) -> list[NavItem]:
+    """The console, then every stand-in: its own page when it has one, else its console section."""
+    here = route_path(request)
+    state = getattr(request.app.state, "sandbox", None)
+    standins: list[StandIn] = state.standins if state is not None else []
+    items = [NavItem(CONSOLE_TITLE, base, here == "/")]
+    for standin in standins:
+        if standin.page:
+            items.append(NavItem(standin.name, base + standin.page.lstrip("/"), here == standin.page))
+        else:
+            items.append(NavItem(standin.name, f"{base}#{standin.anchor}"))
+    return items
+
+
+def fragment(template: str, context: Mapping[str, Any]) -> Markup:
+    """A part of a page (a stand-in's console section), already escaped."""
+    return Markup(environment().get_template(template).render(context))  # noqa: S704 - autoescaped output
+
+
+def render(
+    request: Request, template: str, *, title: str, status_code: int = 200, **context: Any
+) -> HTMLResponse:
+    base = root(request)
+    html = (
+        environment()
+        .get_template(template)
+        .render(title=title, root=base, nav=navigation(request, base), **context)
+    )
+    return HTMLResponse(html, status_code=status_code)
+
+
+def message(
+    request: Request,
+    title: str,
+    text: str = "",
+    *,
+    rows: Mapping[str, str] | None = None,
+    status_code: int = 200,
+) -> HTMLResponse:
+    """A page that only says something: a cashier's error, a trade's state."""
+    return render(
+        request,
+        "message.html",
+        title=title,
+        message=text,
+        rows=list((rows or {}).items()),
+        status_code=status_code,
     )

@@ -3,22 +3,26 @@
 ``POST /pay`` plays the payer: it records the payment (or refund, or close) at the
 stand-in platform and sends the platform's signed notification to the service,
 then answers with what the service said to each delivery; retries go on in the
-background on the platform's schedule, compressed (see :mod:`notifier`).
+background on the platform's schedule, compressed (see :mod:`notifier`). The page's
+form is answered with a redirect to the page showing the result, so a refresh never
+pays again.
 """
 
 from __future__ import annotations
 
-from html import escape
-from typing import TYPE_CHECKING, Any, Literal
+import secrets
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mallgate.envelope import fail, ok
 from mallgate.sandbox.alipay_standin import AlipayStandIn
-from mallgate.sandbox.notifier import Notifier, TooManyInFlight
-from mallgate.sandbox.pages import deliveries_table, page
+from mallgate.sandbox.notifier import Attempt, Delivery, Notifier, TooManyInFlight
+from mallgate.sandbox.pages import render
 from mallgate.sandbox.trades import Outcome, SandboxError, TradeBook, parse_yuan
 from mallgate.sandbox.wechatpay_standin import WechatPayStandIn
 
@@ -28,6 +32,9 @@ if TYPE_CHECKING:
 
 RESOURCE_KEY = "payments"
 MAX_DUPLICATES = 20
+# Results of the page's form kept for the page they redirect to; older ones are forgotten.
+MAX_SHOWN: Final = 200
+SECTION_ROWS: Final = 5
 
 
 class PayRequest(BaseModel):
@@ -53,6 +60,40 @@ def _reason(exc: ValidationError) -> str:
     return f"{where}: {first['msg']}" if where else str(first["msg"])
 
 
+@dataclass(frozen=True)
+class Shown:
+    """What one POST of the form did. Its deliveries go on changing (retries): read at each view."""
+
+    outcome: Outcome
+    form: dict[str, str]
+    max_attempts: int
+
+    @property
+    def delivery(self) -> Delivery | None:
+        return self.outcome.deliveries[0] if self.outcome.deliveries else None
+
+    @property
+    def answer(self) -> Attempt | None:
+        """The service's answer to the first delivery: what decides the colour of the result."""
+        delivery = self.delivery
+        return delivery.attempts[0] if delivery is not None and delivery.attempts else None
+
+    @property
+    def tone(self) -> Literal["ok", "bad", ""]:
+        answer = self.answer
+        if answer is None:
+            return ""
+        return "ok" if answer.ok else "bad"
+
+    @property
+    def copies(self) -> int:
+        return len(self.outcome.deliveries)
+
+    @property
+    def accepted(self) -> int:
+        return sum(1 for d in self.outcome.deliveries if d.delivered)
+
+
 class Payments:
     """Both payment platforms over one trade record and one notifier."""
 
@@ -64,6 +105,7 @@ class Payments:
         self.notifier = notifier or Notifier(clock=clock)
         self.alipay = AlipayStandIn(state, self.book, self.notifier, clock)
         self.wechat = WechatPayStandIn(state, self.book, self.notifier, clock)
+        self._shown: OrderedDict[str, Shown] = OrderedDict()
         self.router = self._routes()
 
     async def aclose(self) -> None:
@@ -91,46 +133,54 @@ class Payments:
             notify=call.notify,
         )
 
-    def _page(self, result: str = "", form: dict[str, str] | None = None, status_code: int = 200) -> Response:
-        values = form or {}
+    def remember(self, outcome: Outcome, form: dict[str, str]) -> str:
+        """Keep what a form POST did for the page it redirects to; the key names it in the URL."""
+        key = secrets.token_urlsafe(9)
+        first = outcome.deliveries[0] if outcome.deliveries else None
+        attempts = self.notifier.max_attempts(first.protocol) if first else 0
+        self._shown[key] = Shown(outcome, form, attempts)
+        while len(self._shown) > MAX_SHOWN:
+            self._shown.popitem(last=False)
+        return key
 
-        def field(name: str, default: str = "") -> str:
-            return escape(values.get(name, default), quote=True)
-
-        def select(name: str, options: tuple[str, ...]) -> str:
-            chosen = values.get(name, options[0])
-            return (
-                f"<select name={name}>"
-                + "".join(f"<option{' selected' if o == chosen else ''}>{o}</option>" for o in options)
-                + "</select>"
-            )
-
-        return page(
-            "Pay this order (sandbox)",
-            result + "<form method=post action='pay'>"
-            f"<label>channel {select('channel', ('alipay', 'wechat'))}</label>"
-            f"<label>order number <input name=order_no required value='{field('order_no')}'></label>"
-            f"<label>amount (yuan) <input name=amount placeholder=9.90 value='{field('amount')}'></label>"
-            f"<label>kind {select('kind', ('pay', 'refund', 'close'))}</label>"
-            f"<label>refund amount (yuan, default: all) <input name=refund_amount "
-            f"value='{field('refund_amount')}'></label>"
-            f"<label>WeChat Pay version {select('wechat_version', ('v2', 'v3'))}</label>"
-            f"<label>duplicates (extra copies sent at once) <input name=duplicates type=number min=0 "
-            f"max={MAX_DUPLICATES} value='{field('duplicates', '0')}'></label>"
-            "<button>send</button></form>"
-            f"<p>Retries follow the platforms' schedules with one real minute lasting "
-            f"{self.notifier.minute:g} s. <a href='pay'>refresh</a> · "
-            "<a href='pay/deliveries'>deliveries as JSON</a></p>"
-            "<h2>Notifications</h2>" + deliveries_table(self.notifier.deliveries),
+    def _page(
+        self,
+        request: Request,
+        *,
+        shown: Shown | None = None,
+        forgotten: bool = False,
+        error: str = "",
+        form: dict[str, str] | None = None,
+        status_code: int = 200,
+    ) -> Response:
+        return render(
+            request,
+            "pay.html",
+            title="Pay this order",
+            shown=shown,
+            forgotten=forgotten,
+            error=error,
+            form=form if form is not None else (shown.form if shown else {}),
+            max_duplicates=MAX_DUPLICATES,
+            minute=f"{self.notifier.minute:g}",
+            deliveries=self.notifier.deliveries,
             status_code=status_code,
         )
+
+    async def platform_section(self, *protocols: str) -> dict[str, Any]:
+        mine = [d for d in self.notifier.deliveries if d.protocol in protocols]
+        return {"deliveries": mine[:SECTION_ROWS], "total": len(mine)}
+
+    async def pay_section(self) -> dict[str, Any]:
+        return {"max_duplicates": MAX_DUPLICATES}
 
     def _routes(self) -> APIRouter:
         router = APIRouter()
 
         @router.get("/pay")
-        async def pay_page() -> Response:
-            return self._page()
+        async def pay_page(request: Request, shown: str = "") -> Response:
+            kept = self._shown.get(shown) if shown else None
+            return self._page(request, shown=kept, forgotten=bool(shown) and kept is None)
 
         @router.post("/pay")
         async def pay(request: Request) -> Response:
@@ -143,6 +193,7 @@ class Payments:
             else:
                 # Empty fields of the page's form mean "not given".
                 data = {k: v for k, v in (await request.form()).items() if isinstance(v, str) and v.strip()}
+            form = {k: str(v) for k, v in data.items()} if isinstance(data, dict) else {}
             try:
                 outcome = await self.pay(PayRequest.model_validate(data))
             except ValidationError as exc:
@@ -152,21 +203,16 @@ class Payments:
             except TooManyInFlight as exc:
                 if as_json:
                     return fail(str(exc), "sandbox.busy", http_status=429)
-                return self._page(f"<p class=bad>{escape(str(exc))}</p>", status_code=429)
+                return self._page(request, error=str(exc), form=form, status_code=429)
             else:
                 if as_json:
                     return ok(outcome.as_json(), info="sent" if outcome.deliveries else outcome.note or "ok")
-                trade = outcome.trade
-                summary = (
-                    f"<p class={'ok' if any(d.delivered for d in outcome.deliveries) else 'bad'}>"
-                    f"{escape(outcome.kind)} {escape(trade.channel)} {escape(trade.out_trade_no)} "
-                    f"(trade {escape(trade.trade_no or '-')}): {escape(outcome.note or 'sent')}</p>"
-                )
-                return self._page(summary, {k: str(v) for k, v in data.items()})
+                # Redirect after POST: a refresh of the page shows the result, it never pays again.
+                return RedirectResponse(f"pay?shown={self.remember(outcome, form)}", status_code=303)
             if as_json:
                 return fail(reason, "sandbox.invalid", http_status=400)
-            form = {k: str(v) for k, v in data.items()} if isinstance(data, dict) else {}
-            return self._page(f"<p class=bad>{escape(reason)}</p>", form, status_code=400)
+            # Nothing happened, so nothing to repeat: the form comes back filled in, with the reason.
+            return self._page(request, error=reason, form=form, status_code=400)
 
         @router.get("/pay/deliveries")
         async def deliveries(order_no: str = "") -> JSONResponse:
@@ -188,6 +234,8 @@ def payment_standins(state: SandboxState) -> list[StandIn]:
             "signed notifications with retries",
             payments.alipay.router,
             [("pay an order", "/pay")],
+            section="sections/platform.html",
+            context=lambda: payments.platform_section("alipay"),
         ),
         StandIn(
             "WeChat Pay",
@@ -195,6 +243,8 @@ def payment_standins(state: SandboxState) -> list[StandIn]:
             "v2 XML and v3 JSON notifications with retries",
             payments.wechat.router,
             [("pay an order", "/pay")],
+            section="sections/platform.html",
+            context=lambda: payments.platform_section("wechat_v2", "wechat_v3"),
         ),
         StandIn(
             "Pay this order",
@@ -202,5 +252,8 @@ def payment_standins(state: SandboxState) -> list[StandIn]:
             "(also POST /pay as JSON)",
             payments.router,
             [("page", "/pay"), ("deliveries (JSON)", "/pay/deliveries")],
+            section="sections/pay.html",
+            context=payments.pay_section,
+            page="/pay",
         ),
     ]

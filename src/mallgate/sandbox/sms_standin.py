@@ -24,7 +24,6 @@ from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 from urllib.parse import parse_qsl
@@ -34,10 +33,10 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 
 from mallgate.channels import sms_aliyun, sms_tencent
 from mallgate.channels.sms import SANDBOX_ALIYUN
-from mallgate.clock import BEIJING, Clock, default_clock
+from mallgate.clock import Clock, default_clock
 from mallgate.mobile import parse_mobile
 from mallgate.private_files import ensure_private_file
-from mallgate.sandbox.pages import page
+from mallgate.sandbox.pages import render
 from mallgate.settings import TencentSmsSettings
 
 if TYPE_CHECKING:
@@ -58,6 +57,7 @@ TENCENT_WINDOW: Final = 30
 ILLEGAL_PREFIX: Final = "1999"
 MAX_ALIYUN_NUMBERS: Final = 1000
 MAX_TENCENT_NUMBERS: Final = 200
+SECTION_ROWS: Final = 5
 _BODY_LIMIT: Final = 64 * 1024
 _NONCE_KEEP: Final = 2 * sms_aliyun.TIMESTAMP_TOLERANCE
 
@@ -410,47 +410,39 @@ class SmsStandIn:
             return RedirectResponse("../sms", status_code=303)
 
         @router.get("/sms")
-        async def sms_page() -> Response:
-            found, rules = await asyncio.gather(
-                asyncio.to_thread(self.book.messages, None, 200), asyncio.to_thread(self.book.rules)
+        async def sms_page(request: Request, mobile: str = "") -> Response:
+            number = parse_mobile(mobile) if mobile else None
+            # A lookup of something that is not a number finds nothing, rather than everything.
+            wrong = bool(mobile) and number is None
+            found = [] if wrong else await asyncio.to_thread(self.book.messages, number, 200)
+            rules = await asyncio.to_thread(self.book.rules)
+            return render(
+                request,
+                "sms.html",
+                title="SMS received",
+                mobile=mobile,
+                number=number or "",
+                messages=found,
+                rules=rules,
             )
-            return page("SMS received", _messages_html(found) + _rules_html(rules))
 
         return router
-
-
-def _messages_html(messages: list[Message]) -> str:
-    if not messages:
-        return "<p>No messages yet.</p>"
-    rows = "".join(
-        f"<tr><td>{datetime.fromtimestamp(m.at, BEIJING):%Y-%m-%d %H:%M:%S}</td><td>{escape(m.provider)}</td>"
-        f"<td>{escape(m.mobile)}</td><td><b>{escape(m.code)}</b></td><td>{escape(m.text)}</td></tr>"
-        for m in messages
-    )
-    return (
-        "<p>Newest first (Beijing time). JSON: <a href='sms/messages'>sms/messages?mobile=</a></p>"
-        f"<table><tr><th>time</th><th>provider</th><th>number</th><th>code</th><th>text</th></tr>{rows}</table>"
-    )
-
-
-def _rules_html(rules: dict[str, str]) -> str:
-    listed = "".join(f"<li>{escape(m)}: {escape(r)}</li>" for m, r in rules.items()) or "<li>none</li>"
-    return (
-        "<h2>Number rules</h2><p>Numbers starting with 1999 are always illegal. <i>fail</i>: the provider "
-        "answers illegal number; <i>exempt</i>: no flow control.</p>"
-        f"<ul>{listed}</ul><form method=post action='sms/rules'><label>number <input name=mobile></label>"
-        "<label>rule <select name=rule><option>fail<option>exempt<option value=''>none</select></label>"
-        "<button>set</button></form>"
-    )
 
 
 def sms_standin(state: SandboxState) -> StandIn:
     from mallgate.sandbox.app import StandIn
 
     standin = SmsStandIn(SmsBook(state.folder / "sms.sqlite3"))
+
+    async def recent() -> dict[str, Any]:
+        return {"messages": await asyncio.to_thread(standin.book.messages, None, SECTION_ROWS)}
+
     return StandIn(
         name="SMS",
         summary="Aliyun SendSms at /aliyun-sms/, Tencent SendSms at /tencent-sms/, and what they sent",
         router=standin.router,
-        links=[("messages", "/sms")],
+        links=[("messages", "/sms"), ("messages (JSON)", "/sms/messages")],
+        section="sections/sms.html",
+        context=recent,
+        page="/sms",
     )

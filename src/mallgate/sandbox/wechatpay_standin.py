@@ -11,16 +11,16 @@ import secrets
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
+from urllib.parse import quote
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 
 from mallgate.channels.errors import MalformedNotification, NotAuthentic
 from mallgate.channels.wechat_pay_v2 import (
@@ -41,7 +41,7 @@ from mallgate.keys import load_private_key
 from mallgate.private_files import write_private
 from mallgate.sandbox.app import WECHAT_APP_APP_ID, WECHAT_MINI_APP_ID, WECHAT_MP_APP_ID, WECHATPAY_MCH_ID
 from mallgate.sandbox.notifier import Notifier, Outgoing
-from mallgate.sandbox.pages import definition, deliveries_table, page
+from mallgate.sandbox.pages import message, render
 from mallgate.sandbox.trades import (
     Outcome,
     SandboxError,
@@ -325,42 +325,55 @@ class WechatPayStandIn:
             return self._certificates(request)
 
         @router.get("/wechatpay/cashier", name="wechatpay_cashier")
-        async def cashier(prepay_id: str = "") -> Response:
+        async def cashier(request: Request, prepay_id: str = "") -> Response:
             trade = self._book.by_prepay_id(prepay_id)
             if trade is None:
-                return page("微信支付 · 错误", "<p>prepay_id 不存在或已过期</p>", status_code=404)
+                return message(request, "微信支付 · 错误", "prepay_id 不存在或已过期", status_code=404)
             if trade.status != "pending":
-                return page("微信支付", f"<p>订单 {escape(trade.out_trade_no)}: {escape(trade.status)}</p>")
-            return page(
-                "微信支付 · 收银台 (sandbox cashier)",
-                definition([("商品 body", trade.subject), ("商户订单号 out_trade_no", trade.out_trade_no)])
-                + f"<p style='font-size:2em'>¥ {escape(yuan(trade.amount))}</p>"
-                + "<form method=post action='cashier/pay'>"
-                f"<input type=hidden name=prepay_id value='{escape(prepay_id, quote=True)}'>"
-                "<button>立即支付 (pay)</button></form>",
+                return message(request, "微信支付", f"订单 {trade.out_trade_no}: {trade.status}")
+            return render(
+                request,
+                "cashier.html",
+                title="微信支付 · 收银台 (sandbox cashier)",
+                rows=[("商品 body", trade.subject), ("商户订单号 out_trade_no", trade.out_trade_no)],
+                amount=yuan(trade.amount),
+                action="cashier/pay",
+                hidden={"prepay_id": prepay_id},
+                button="立即支付 (pay)",
             )
 
         @router.post("/wechatpay/cashier/pay")
         async def cashier_pay(request: Request) -> Response:
             form = await request.form()
-            trade = self._book.by_prepay_id(str(form.get("prepay_id", "")))
+            prepay_id = str(form.get("prepay_id", ""))
+            trade = self._book.by_prepay_id(prepay_id)
             if trade is None:
-                return page("微信支付 · 错误", "<p>prepay_id 不存在或已过期</p>", status_code=404)
+                return message(request, "微信支付 · 错误", "prepay_id 不存在或已过期", status_code=404)
             try:
-                outcome = await self.settle(order_no=trade.out_trade_no, kind="pay", version="v2")
+                await self.settle(order_no=trade.out_trade_no, kind="pay", version="v2")
             except SandboxError as exc:
-                return page("微信支付 · 错误", f"<p>{escape(str(exc))}</p>", status_code=400)
-            return page(
-                "微信支付 · 支付成功",
-                definition(
-                    [
-                        ("out_trade_no", outcome.trade.out_trade_no),
-                        ("transaction_id", outcome.trade.trade_no),
-                        ("total_fee", str(fen(outcome.trade.amount))),
-                    ]
+                return message(request, "微信支付 · 错误", str(exc), status_code=400)
+            # Redirect after POST: a refresh of the result would otherwise send the notice again.
+            return RedirectResponse(f"done?prepay_id={quote(prepay_id, safe='')}", status_code=303)
+
+        @router.get("/wechatpay/cashier/done")
+        async def cashier_done(request: Request, prepay_id: str = "") -> Response:
+            trade = self._book.by_prepay_id(prepay_id)
+            if trade is None or trade.status != "paid":
+                return message(
+                    request, "微信支付 · 错误", "订单不存在或未支付 (no such paid order)", status_code=404
                 )
-                + "<h2>Notification</h2>"
-                + deliveries_table(outcome.deliveries),
+            return render(
+                request,
+                "cashier_done.html",
+                title="微信支付 · 支付成功",
+                rows=[
+                    ("out_trade_no", trade.out_trade_no),
+                    ("transaction_id", trade.trade_no),
+                    ("total_fee", str(fen(trade.amount))),
+                ],
+                return_link="",
+                deliveries=self._notifier.of_order(trade.out_trade_no, "pay", ("wechat_v2", "wechat_v3")),
             )
 
         return router
