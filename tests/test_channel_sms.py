@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -15,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mallgate.channels import sms_aliyun, sms_tencent
+from mallgate.channels import aliyun_v3, sms_aliyun, sms_tencent
 from mallgate.channels.errors import NotAuthentic
 from mallgate.channels.sms import (
     SANDBOX_ALIYUN,
@@ -118,13 +119,59 @@ def test_aliyun_method_is_signed() -> None:
 def test_aliyun_verify_rejects_missing_signature_and_stale_timestamp() -> None:
     with pytest.raises(sms_aliyun.AliyunAuthError) as missing:
         sms_aliyun.verify("GET", DESCRIBE_REGIONS, "testsecret")
-    assert missing.value.code == "IncompleteSignature"
+    assert (missing.value.code, missing.value.message) == (
+        "MissingSignature",
+        "Signature is mandatory for this action.",
+    )
     signed = {**DESCRIBE_REGIONS, "Signature": sms_aliyun.sign("GET", DESCRIBE_REGIONS, "testsecret")}
     signed_at = 1456231584.0  # 2016-02-23T12:46:24Z
     sms_aliyun.verify("GET", signed, "testsecret", now=signed_at + 899)
     with pytest.raises(sms_aliyun.AliyunAuthError) as stale:
         sms_aliyun.verify("GET", signed, "testsecret", now=signed_at + 901)
     assert stale.value.code == "InvalidTimeStamp.Expired"
+    assert stale.value.message == "Specified time stamp or date value is expired."
+
+
+def test_aliyun_refusals_carry_the_gateway_string_to_sign() -> None:
+    """The gateway's text ends with its string to sign, which aliyun-python-sdk-core reads after ':'."""
+    wrong = {**DESCRIBE_REGIONS, "Signature": sms_aliyun.sign("GET", DESCRIBE_REGIONS, "other")}
+    with pytest.raises(sms_aliyun.AliyunAuthError) as mismatch:
+        sms_aliyun.verify("GET", wrong, "testsecret")
+    server_string = sms_aliyun.string_to_sign("GET", DESCRIBE_REGIONS)
+    assert mismatch.value.code == "SignatureDoesNotMatch"
+    assert mismatch.value.message == (
+        f"Specified signature is not matched with our calculation. server string to sign is:{server_string}"
+    )
+    assert mismatch.value.message.split(":")[1] == server_string
+    version_2 = {**DESCRIBE_REGIONS, "SignatureVersion": "2.0"}
+    version_2["Signature"] = sms_aliyun.sign("GET", version_2, "testsecret")
+    with pytest.raises(sms_aliyun.AliyunAuthError) as incomplete:
+        sms_aliyun.verify("GET", version_2, "testsecret")
+    assert incomplete.value.code == "IncompleteSignature"
+    assert incomplete.value.message.startswith(
+        "The request signature does not conform to Aliyun standards. server string to sign is:GET&%2F&"
+    )
+    sha256 = {**DESCRIBE_REGIONS, "SignatureMethod": "HMAC-SHA256", "Signature": "x"}
+    with pytest.raises(sms_aliyun.AliyunAuthError) as method:
+        sms_aliyun.verify("GET", sha256, "testsecret")
+    assert method.value.code == "InvalidSignatureMethod"
+
+
+def test_aliyun_error_answers_have_the_gateway_shape() -> None:
+    gateway = sms_aliyun.error_response(
+        "SignatureNonceUsed", "Specified signature nonce was used already.", "R-1"
+    )
+    assert list(gateway) == ["RequestId", "Message", "HostId", "Code", "Recommend"]
+    assert gateway["HostId"] == "dysmsapi.aliyuncs.com"
+    assert gateway["Recommend"] == (
+        "https://api.aliyun.com/troubleshoot?q=SignatureNonceUsed&product=Dysmsapi&requestId=R-1"
+    )
+    assert sms_aliyun.error_status("SignatureNonceUsed") == 400
+    assert sms_aliyun.error_status("InvalidAccessKeyId.NotFound") == 404
+    assert sms_aliyun.error_status("MissingTemplateCode") == 400
+    business = sms_aliyun.error_response("isv.MOBILE_NUMBER_ILLEGAL", "非法手机号", "R-2")
+    assert business == {"RequestId": "R-2", "Message": "非法手机号", "Code": "isv.MOBILE_NUMBER_ILLEGAL"}
+    assert sms_aliyun.error_status("isv.MOBILE_NUMBER_ILLEGAL") == 200
 
 
 param_names = st.text(
@@ -178,6 +225,206 @@ def test_aliyun_build_send_params() -> None:
     assert "Signature" not in params
     other = sms_aliyun.build_send_params(settings, "13800138000", "012345", Clock(now=lambda: 0.0))
     assert other["SignatureNonce"] != params["SignatureNonce"]
+
+
+# ---------------------------------------------------------------- Aliyun V3 (ACS3-HMAC-SHA256)
+
+# The signature example of Aliyun's "V3版本请求体&签名机制" document
+# (help.aliyun.com/zh/sdk/product-overview/v3-request-structure-and-signature): ECS RunInstances,
+# fixed nonce and date, key "YourAccessKeyId" / "YourAccessKeySecret", empty body.
+V3_DOC_PARAMS = {"ImageId": "win2019_1809_x64_dtc_zh-cn_40G_alibase_20230811.vhd", "RegionId": "cn-shanghai"}
+V3_DOC_QUERY = "ImageId=win2019_1809_x64_dtc_zh-cn_40G_alibase_20230811.vhd&RegionId=cn-shanghai"
+V3_DOC_EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+V3_DOC_SIGNED = "host;x-acs-action;x-acs-content-sha256;x-acs-date;x-acs-signature-nonce;x-acs-version"
+V3_DOC_CANONICAL = (
+    "POST\n"
+    "/\n"
+    f"{V3_DOC_QUERY}\n"
+    "host:ecs.cn-shanghai.aliyuncs.com\n"
+    "x-acs-action:RunInstances\n"
+    f"x-acs-content-sha256:{V3_DOC_EMPTY_SHA256}\n"
+    "x-acs-date:2023-10-26T10:22:32Z\n"
+    "x-acs-signature-nonce:3156853299f313e23d1673dc12e1703d\n"
+    "x-acs-version:2014-05-26\n"
+    "\n"
+    f"{V3_DOC_SIGNED}\n"
+    f"{V3_DOC_EMPTY_SHA256}"
+)
+V3_DOC_STRING_TO_SIGN = "ACS3-HMAC-SHA256\n7ea06492da5221eba5297e897ce16e55f964061054b7695beedaac1145b1e259"
+V3_DOC_SIGNATURE = "06563a9e1b43f5dfe96b81484da74bceab24a1d853912eee15083a6f0f3283c0"
+V3_DOC_AUTHORIZATION = (
+    f"ACS3-HMAC-SHA256 Credential=YourAccessKeyId,SignedHeaders={V3_DOC_SIGNED},Signature={V3_DOC_SIGNATURE}"
+)
+V3_DOC_AT = datetime(2023, 10, 26, 10, 22, 32, tzinfo=UTC)
+
+
+def v3_doc_headers() -> dict[str, str]:
+    return aliyun_v3.request_headers(
+        "YourAccessKeyId",
+        "YourAccessKeySecret",
+        host="ecs.cn-shanghai.aliyuncs.com",
+        action="RunInstances",
+        version="2014-05-26",
+        query=aliyun_v3.canonical_query(V3_DOC_PARAMS.items()),
+        payload=b"",
+        now=V3_DOC_AT,
+        nonce="3156853299f313e23d1673dc12e1703d",
+    )
+
+
+def v3_verify(
+    headers: dict[str, str],
+    *,
+    body: bytes = b"",
+    params: dict[str, str] = V3_DOC_PARAMS,
+    now: float | None = None,
+    secret: str = "YourAccessKeySecret",
+) -> aliyun_v3.Verified:
+    return aliyun_v3.verify_request(
+        "POST",
+        params.items(),
+        aliyun_v3.header_values(headers.items()),
+        body,
+        {"YourAccessKeyId": secret}.get,
+        V3_DOC_AT.timestamp() if now is None else now,
+    )
+
+
+def test_aliyun_v3_published_example() -> None:
+    headers = v3_doc_headers()
+    assert aliyun_v3.canonical_query(V3_DOC_PARAMS.items()) == V3_DOC_QUERY
+    assert headers["x-acs-content-sha256"] == V3_DOC_EMPTY_SHA256
+    canonical = aliyun_v3.canonical_request(
+        "POST", V3_DOC_QUERY, headers, V3_DOC_SIGNED.split(";"), V3_DOC_EMPTY_SHA256
+    )
+    assert canonical == V3_DOC_CANONICAL
+    assert aliyun_v3.string_to_sign(canonical) == V3_DOC_STRING_TO_SIGN
+    assert aliyun_v3.signature("YourAccessKeySecret", V3_DOC_STRING_TO_SIGN) == V3_DOC_SIGNATURE
+    assert headers["Authorization"] == V3_DOC_AUTHORIZATION
+    # The verifying side takes the documented request as it is.
+    assert v3_verify(headers) == aliyun_v3.Verified("YourAccessKeyId", "3156853299f313e23d1673dc12e1703d")
+
+
+def test_aliyun_v3_refusals() -> None:
+    headers = v3_doc_headers()
+    with pytest.raises(aliyun_v3.AliyunAuthError) as mismatch:
+        v3_verify(headers, secret="another secret")
+    assert mismatch.value.code == "SignatureDoesNotMatch"
+    assert mismatch.value.message == (
+        "Specified signature does not match our calculation."
+        f" server StringToSign is [{V3_DOC_STRING_TO_SIGN}] server CanonicalRequest is [{V3_DOC_CANONICAL}]"
+    )
+    # The body is hashed by the verifier: one that is not what x-acs-content-sha256 says fails.
+    with pytest.raises(aliyun_v3.AliyunAuthError, match="does not match") as body:
+        v3_verify(headers, body=b"PhoneNumbers=13800138000")
+    assert body.value.code == "SignatureDoesNotMatch"
+    with pytest.raises(aliyun_v3.AliyunAuthError, match="does not match"):
+        v3_verify(headers, params={**V3_DOC_PARAMS, "RegionId": "cn-hangzhou"})
+    with pytest.raises(aliyun_v3.AliyunAuthError, match="does not match"):
+        v3_verify({**headers, "x-acs-action": "StopInstances"})
+    with pytest.raises(aliyun_v3.AliyunAuthError) as stale:
+        v3_verify(headers, now=V3_DOC_AT.timestamp() + 901)
+    assert (stale.value.code, stale.value.message) == (
+        "InvalidTimeStamp.Expired",
+        "Specified time stamp or date value is expired.",
+    )
+    v3_verify(headers, now=V3_DOC_AT.timestamp() - 899)
+    with pytest.raises(aliyun_v3.AliyunAuthError) as malformed:
+        v3_verify({**headers, "x-acs-date": "2023-10-26 10:22:32"})
+    assert malformed.value.code == "InvalidTimeStamp.Format"
+    with pytest.raises(aliyun_v3.AliyunAuthError) as unknown:
+        v3_verify({**headers, "Authorization": headers["Authorization"].replace("YourAccessKeyId", "nobody")})
+    assert (unknown.value.code, unknown.value.message) == (
+        "InvalidAccessKeyId.NotFound",
+        "Specified access key is not found.",
+    )
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        # an x-acs- header sent but left out of the signature
+        {"x-acs-security-token": "t"},
+        # a required header left out of SignedHeaders
+        {"Authorization": V3_DOC_AUTHORIZATION.replace("x-acs-action;", "")},
+        # a signed header that is not in the request
+        {"Authorization": V3_DOC_AUTHORIZATION.replace("host;", "content-type;host;")},
+        {"Authorization": V3_DOC_AUTHORIZATION.replace("ACS3-HMAC-SHA256", "ACS3-HMAC-SM3")},
+        {"Authorization": V3_DOC_AUTHORIZATION.replace("Signature=06", "Signature=")},
+    ],
+)
+def test_aliyun_v3_incomplete_signature(change: dict[str, str]) -> None:
+    with pytest.raises(aliyun_v3.AliyunAuthError) as refused:
+        v3_verify({**v3_doc_headers(), **change})
+    assert (refused.value.code, refused.value.message) == (
+        "IncompleteSignature",
+        "The request signature does not conform to Aliyun standards.",
+    )
+
+
+def _v3_signed(params: dict[str, str], secret: str, body: bytes) -> dict[str, str]:
+    return aliyun_v3.request_headers(
+        "ak",
+        secret,
+        host="dysmsapi.aliyuncs.com",
+        action="SendSms",
+        version="2017-05-25",
+        query=aliyun_v3.canonical_query(params.items()),
+        payload=body,
+        now=V3_DOC_AT,
+        nonce="n-1",
+    )
+
+
+@given(params=param_sets, secret=secrets_, body=st.binary(max_size=64))
+def test_aliyun_v3_sign_verify_round_trip(params: dict[str, str], secret: str, body: bytes) -> None:
+    headers = aliyun_v3.header_values(_v3_signed(params, secret, body).items())
+    aliyun_v3.verify_request("POST", params.items(), headers, body, {"ak": secret}.get, V3_DOC_AT.timestamp())
+
+
+@given(params=param_sets, secret=secrets_, data=st.data())
+def test_aliyun_v3_tampered_request_rejected(
+    params: dict[str, str], secret: str, data: st.DataObject
+) -> None:
+    headers = aliyun_v3.header_values(_v3_signed(params, secret, b"").items())
+    name = data.draw(st.sampled_from(sorted(params)))
+    tampered = {**params, name: data.draw(param_values.filter(lambda v: v != params[name]))}
+    for query, secret_for in (
+        (tampered, {"ak": secret}.get),
+        ({**params, "Extra": "1"}, {"ak": secret}.get),
+        (params, {"ak": secret + "x"}.get),
+    ):
+        with pytest.raises(NotAuthentic):
+            aliyun_v3.verify_request("POST", query.items(), headers, b"", secret_for, V3_DOC_AT.timestamp())
+
+
+def test_aliyun_build_v3_request() -> None:
+    settings = AliyunSmsSettings(
+        access_key_id="ak",
+        access_key_secret="sk",
+        sign_name="商城",
+        template_code="SMS_1",
+        endpoint="http://127.0.0.1:8123/_sandbox/aliyun-sms/",
+    )
+    url, headers = sms_aliyun.build_v3_request(
+        settings, "+86 138-0013-8000", "012345", Clock(now=lambda: 0.0)
+    )
+    sent = httpx.URL(url)
+    assert (sent.host, sent.port, sent.path) == ("127.0.0.1", 8123, "/_sandbox/aliyun-sms/")
+    assert dict(sent.params) == {
+        "PhoneNumbers": "13800138000",
+        "SignName": "商城",
+        "TemplateCode": "SMS_1",
+        "TemplateParam": '{"code":"012345"}',
+    }
+    assert headers["host"] == "127.0.0.1:8123"
+    assert (headers["x-acs-action"], headers["x-acs-version"]) == ("SendSms", "2017-05-25")
+    assert headers["x-acs-date"] == "1970-01-01T00:00:00Z"
+    assert headers["Authorization"].startswith(
+        f"ACS3-HMAC-SHA256 Credential=ak,SignedHeaders={V3_DOC_SIGNED},"
+    )
+    _, again = sms_aliyun.build_v3_request(settings, "13800138000", "012345", Clock(now=lambda: 0.0))
+    assert again["x-acs-signature-nonce"] != headers["x-acs-signature-nonce"]
 
 
 # ---------------------------------------------------------------- Tencent vectors
@@ -369,18 +616,30 @@ TENCENT = TencentSmsSettings(
 NOW = 1_700_000_000.0
 
 
+def aliyun_params(request: httpx.Request, secret: str = "sk-test") -> dict[str, str]:
+    """The SendSms parameters, once the request verified as Aliyun would (either signature)."""
+    assert request.method == "POST"
+    headers = aliyun_v3.header_values(request.headers.items())
+    if aliyun_v3.is_v3(headers):
+        assert request.content == b""
+        query = request.url.params.multi_items()
+        aliyun_v3.verify_request("POST", query, headers, request.content, {"ak-test": secret}.get, NOW)
+        return dict(query)
+    assert request.headers["content-type"] == "application/x-www-form-urlencoded"
+    params = dict(parse_qsl(request.content.decode(), keep_blank_values=True))
+    sms_aliyun.verify("POST", params, secret, now=NOW)
+    return params
+
+
 def aliyun_stand_in(answer: Callable[[dict[str, str]], tuple[int, dict[str, Any]]]) -> Handler:
     """Verifies the request as Aliyun would, then answers `answer(params)`."""
 
     async def handle(request: httpx.Request) -> httpx.Response:
-        assert request.method == "POST"
-        assert request.headers["content-type"] == "application/x-www-form-urlencoded"
-        params = dict(parse_qsl(request.content.decode(), keep_blank_values=True))
         try:
-            sms_aliyun.verify("POST", params, "sk-test", now=NOW)
+            params = aliyun_params(request)
         except sms_aliyun.AliyunAuthError as exc:
             body = sms_aliyun.error_response(exc.code, exc.message)
-            return httpx.Response(sms_aliyun.GATEWAY_ERROR_STATUS.get(exc.code, 400), json=body)
+            return httpx.Response(sms_aliyun.error_status(exc.code), json=body)
         status, body = answer(params)
         return httpx.Response(status, json=body)
 
@@ -394,7 +653,8 @@ def aliyun_provider(
     return AliyunSmsProvider(settings, http, timeout=timeout, clock=Clock(now=lambda: NOW))
 
 
-async def test_aliyun_provider_success() -> None:
+@pytest.mark.parametrize("signature", ["v3", "rpc"])
+async def test_aliyun_provider_success(signature: str) -> None:
     seen: list[dict[str, str]] = []
 
     def answer(params: dict[str, str]) -> tuple[int, dict[str, Any]]:
@@ -403,13 +663,15 @@ async def test_aliyun_provider_success() -> None:
             "900619746936498440^0", "F655A8D5-B967-440B-8683-DAD6FF8DE990"
         )
 
-    provider = aliyun_provider(aliyun_stand_in(answer))
+    provider = aliyun_provider(aliyun_stand_in(answer), ALIYUN.model_copy(update={"signature": signature}))
+    assert provider.settings.signature == signature
     assert await provider.send_code("+8613800138000", "482913") == "900619746936498440^0"
     (params,) = seen
     assert params["PhoneNumbers"] == "13800138000"
     assert params["TemplateParam"] == '{"code":"482913"}'
     assert params["SignName"] == "商城"
-    assert params["AccessKeyId"] == "ak-test"
+    assert params["TemplateCode"] == "SMS_123"
+    assert ("AccessKeyId" in params) == (signature == "rpc")
 
 
 @pytest.mark.parametrize(
@@ -433,13 +695,15 @@ async def test_aliyun_provider_error_mapping(provider_code: str, message: str, o
     assert err.value.message == message
 
 
-async def test_aliyun_provider_wrong_secret_is_refused_by_stand_in() -> None:
-    wrong = ALIYUN.model_copy(update={"access_key_secret": "not-it"})
+@pytest.mark.parametrize("signature", ["v3", "rpc"])
+async def test_aliyun_provider_wrong_secret_is_refused_by_stand_in(signature: str) -> None:
+    wrong = ALIYUN.model_copy(update={"access_key_secret": "not-it", "signature": signature})
     provider = aliyun_provider(aliyun_stand_in(lambda _: (200, sms_aliyun.success_response("x"))), wrong)
     with pytest.raises(SmsSendError) as err:
         await provider.send_code("13800138000", "482913")
     assert err.value.provider_code == "SignatureDoesNotMatch"
     assert err.value.code == "sms.provider_error"
+    assert "server string to sign is:" in err.value.message or "server StringToSign is [" in err.value.message
 
 
 async def test_aliyun_provider_non_json_answer() -> None:
@@ -598,6 +862,7 @@ async def test_build_provider() -> None:
         aliyun = build_provider(SmsSettings(provider="aliyun", aliyun=ALIYUN), http, None)
         assert isinstance(aliyun, AliyunSmsProvider)
         assert aliyun.name == "aliyun"
+        assert aliyun.settings.signature == "v3" == AliyunSmsSettings().signature
         tencent = build_provider(
             SmsSettings(provider="tencent", tencent=TENCENT, timeout_seconds=1.5), http, None
         )
@@ -613,6 +878,13 @@ async def test_build_provider() -> None:
         assert sandbox.settings.access_key_secret == "sandbox-secret"
         assert sandbox.settings.sign_name == "mallgate"
         assert sandbox.settings.template_code == "SMS_SANDBOX"
+        assert sandbox.settings.signature == "v3"
+        legacy = build_provider(
+            SmsSettings(provider="sandbox", aliyun=AliyunSmsSettings(signature="rpc")), http, "http://s.test"
+        )
+        assert isinstance(legacy, AliyunSmsProvider)
+        assert legacy.settings.signature == "rpc"
+        assert legacy.settings.access_key_id == "sandbox-ak"
 
 
 async def test_sandbox_provider_speaks_aliyun_to_the_sandbox_url() -> None:
@@ -620,11 +892,17 @@ async def test_sandbox_provider_speaks_aliyun_to_the_sandbox_url() -> None:
 
     async def handle(request: httpx.Request) -> httpx.Response:
         requests.append(request)
-        params = dict(parse_qsl(request.content.decode(), keep_blank_values=True))
-        sms_aliyun.verify("POST", params, "sandbox-secret")
+        headers = aliyun_v3.header_values(request.headers.items())
+        assert aliyun_v3.is_v3(headers)
+        aliyun_v3.verify_request(
+            "POST", request.url.params.multi_items(), headers, b"", {"sandbox-ak": "sandbox-secret"}.get, NOW
+        )
         return httpx.Response(200, json=sms_aliyun.success_response("biz-1"))
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(handle)) as http:
         provider = build_provider(SmsSettings(provider="sandbox"), http, "http://sandbox.test")
+        assert isinstance(provider, AliyunSmsProvider)
+        provider.clock = Clock(now=lambda: NOW)
         assert await provider.send_code("13800138000", "111111") == "biz-1"
-    assert str(requests[0].url) == "http://sandbox.test/aliyun-sms/"
+    assert requests[0].url.copy_with(query=None) == "http://sandbox.test/aliyun-sms/"
+    assert requests[0].headers["host"] == "sandbox.test"

@@ -116,6 +116,8 @@ class AliyunSmsSettings(BaseModel):
     sign_name: str = ""
     template_code: str = ""
     endpoint: str = "https://dysmsapi.aliyuncs.com/"
+    # v3: ACS3-HMAC-SHA256, what the current official SDK signs with; rpc: the legacy HMAC-SHA1.
+    signature: Literal["v3", "rpc"] = "v3"
 
 
 class TencentSmsSettings(BaseModel):

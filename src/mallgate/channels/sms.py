@@ -125,6 +125,9 @@ def build_provider(settings: SmsSettings, http: httpx.AsyncClient, sandbox_url: 
     if settings.provider == "sandbox":
         if not sandbox_url:
             raise ValueError("the sandbox SMS provider needs the sandbox URL")
-        sandbox = SANDBOX_ALIYUN.model_copy(update={"endpoint": f"{sandbox_url.rstrip('/')}/aliyun-sms/"})
+        # The operator's choice of signature holds in the sandbox too, so either can be tried there.
+        endpoint = f"{sandbox_url.rstrip('/')}/aliyun-sms/"
+        signature = settings.aliyun.signature
+        sandbox = SANDBOX_ALIYUN.model_copy(update={"endpoint": endpoint, "signature": signature})
         return AliyunSmsProvider(sandbox, http, timeout=settings.timeout_seconds, name="sandbox")
     raise ValueError(f"unknown SMS provider {settings.provider!r}")

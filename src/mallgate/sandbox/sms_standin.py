@@ -3,7 +3,10 @@
 Requests are verified with the channel modules' own `verify` functions against
 the sandbox credentials, and answered with the providers' real shapes, flow
 control included (Aliyun: 1 per number per 60 s; Tencent: 1 per 30 s), so the
-service's provider code meets the same answers as in production.
+service's provider code meets the same answers as in production. The Aliyun
+stand-in takes both signatures the gateway takes, V3 (ACS3-HMAC-SHA256, the
+official SDK's default) and the legacy RPC HMAC-SHA1, and refuses with the
+gateway's codes, statuses and texts, which the official SDKs parse.
 
 What the "phones" received is kept in a SQLite file under the sandbox folder:
 several uvicorn workers share it, and its write lock makes "at most one
@@ -31,7 +34,7 @@ from urllib.parse import parse_qsl
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
-from mallgate.channels import sms_aliyun, sms_tencent
+from mallgate.channels import aliyun_v3, sms_aliyun, sms_tencent
 from mallgate.channels.sms import SANDBOX_ALIYUN
 from mallgate.clock import Clock, default_clock
 from mallgate.mobile import parse_mobile
@@ -62,6 +65,8 @@ _BODY_LIMIT: Final = 64 * 1024
 _NONCE_KEEP: Final = 2 * sms_aliyun.TIMESTAMP_TOLERANCE
 
 Rule = Literal["fail", "exempt"]
+# What a verified Aliyun request asks for: action, version and parameters.
+_AliyunCall = tuple[str, str, dict[str, str]]
 Verdict = Literal["sent", "illegal", "limited"]
 
 
@@ -182,11 +187,10 @@ def tencent_text(sign_name: str, code: str, minutes: str) -> str:
 
 
 class _AliyunRefusal(Exception):
-    def __init__(self, code: str, message: str, status: int | None = None) -> None:
+    def __init__(self, code: str, message: str) -> None:
         super().__init__(code)
         self.code = code
         self.message = message
-        self.status = status if status is not None else sms_aliyun.GATEWAY_ERROR_STATUS.get(code, 200)
 
 
 class _TencentRefusal(Exception):
@@ -205,40 +209,84 @@ class SmsStandIn:
     # ------------------------------------------------------------ Aliyun
 
     async def aliyun(self, request: Request) -> JSONResponse:
+        """SendSms signed either way: V3 (an ACS3-HMAC-SHA256 Authorization) or RPC (a Signature)."""
         request_id = str(uuid.uuid4()).upper()
         try:
-            params = dict(request.query_params)
-            if request.method == "POST":
-                body = await request.body()
-                if len(body) > _BODY_LIMIT:
-                    raise _AliyunRefusal("InvalidParameter", "The request body is too large.", 400)
-                params.update(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
-            answer = await self._aliyun_send(request.method, params)
+            body = await request.body()
+            if len(body) > _BODY_LIMIT:
+                raise _AliyunRefusal("InvalidParameter", "The request body is too large.")
+            query = request.query_params.multi_items()
+            form = parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True) if body else []
+            headers = aliyun_v3.header_values(request.headers.items())
+            now = self.clock.now()
+            if aliyun_v3.is_v3(headers):
+                call = await self._aliyun_v3(request.method, query, form, headers, body, now)
+            else:
+                call = await self._aliyun_rpc(request.method, dict([*query, *form]), now)
+            answer = await self._aliyun_deliver(*call, now)
         except _AliyunRefusal as refusal:
-            body_json = sms_aliyun.error_response(refusal.code, refusal.message, request_id)
-            return JSONResponse(body_json, status_code=refusal.status)
-        return JSONResponse(sms_aliyun.success_response(answer, request_id))
+            return JSONResponse(
+                sms_aliyun.error_response(refusal.code, refusal.message, request_id),
+                status_code=sms_aliyun.error_status(refusal.code),
+                headers={"x-acs-request-id": request_id},
+            )
+        return JSONResponse(
+            sms_aliyun.success_response(answer, request_id), headers={"x-acs-request-id": request_id}
+        )
 
-    async def _aliyun_send(self, method: str, params: dict[str, str]) -> str:
+    async def _aliyun_rpc(self, method: str, params: dict[str, str], now: float) -> _AliyunCall:
         key_id = params.get("AccessKeyId", "")
         if not key_id:
-            raise _AliyunRefusal("MissingAccessKeyId", "AccessKeyId is mandatory for this action.", 400)
+            raise _AliyunRefusal("MissingAccessKeyId", "AccessKeyId is mandatory for this action.")
         if key_id != SANDBOX_ALIYUN.access_key_id:
-            raise _AliyunRefusal("InvalidAccessKeyId.NotFound", "Specified access key is not found.")
-        now = self.clock.now()
+            raise _AliyunRefusal("InvalidAccessKeyId.NotFound", aliyun_v3.KEY_NOT_FOUND)
         try:
             sms_aliyun.verify(method, params, SANDBOX_ALIYUN.access_key_secret, now=now)
-        except sms_aliyun.AliyunAuthError as exc:
+        except aliyun_v3.AliyunAuthError as exc:
             raise _AliyunRefusal(exc.code, exc.message) from None
-        if not await asyncio.to_thread(self.book.use_nonce, params.get("SignatureNonce", ""), now):
+        await self._aliyun_nonce(params.get("SignatureNonce", ""), now)
+        return params.get("Action", ""), params.get("Version", ""), params
+
+    async def _aliyun_v3(
+        self,
+        method: str,
+        query: list[tuple[str, str]],
+        form: list[tuple[str, str]],
+        headers: dict[str, str],
+        body: bytes,
+        now: float,
+    ) -> _AliyunCall:
+        try:
+            verified = aliyun_v3.verify_request(
+                method,
+                query,
+                headers,
+                body,
+                lambda key_id: (
+                    SANDBOX_ALIYUN.access_key_secret if key_id == SANDBOX_ALIYUN.access_key_id else None
+                ),
+                now,
+            )
+        except aliyun_v3.AliyunAuthError as exc:
+            raise _AliyunRefusal(exc.code, exc.message) from None
+        await self._aliyun_nonce(verified.nonce, now)
+        # Parameters travel in the query (as the SDK sends SendSms) or a form body (its formData APIs).
+        return headers.get("x-acs-action", ""), headers.get("x-acs-version", ""), dict([*query, *form])
+
+    async def _aliyun_nonce(self, nonce: str, now: float) -> None:
+        if not nonce:
+            raise _AliyunRefusal("MissingSignatureNonce", "SignatureNonce is mandatory for this action.")
+        if not await asyncio.to_thread(self.book.use_nonce, nonce, now):
             raise _AliyunRefusal("SignatureNonceUsed", "Specified signature nonce was used already.")
-        if params.get("Action") != "SendSms" or params.get("Version") != sms_aliyun.API_VERSION:
+
+    async def _aliyun_deliver(self, action: str, version: str, params: dict[str, str], now: float) -> str:
+        if action != sms_aliyun.ACTION or version != sms_aliyun.API_VERSION:
             raise _AliyunRefusal(
-                "InvalidAction.NotFound", "Specified api is not found, please check your url and method.", 404
+                "InvalidAction.NotFound", "Specified api is not found, please check your url and method."
             )
         for name in ("PhoneNumbers", "SignName", "TemplateCode"):
             if not params.get(name):
-                raise _AliyunRefusal(f"Missing{name}", f"{name} is mandatory for this action.", 400)
+                raise _AliyunRefusal(f"Missing{name}", f"{name} is mandatory for this action.")
         if params["SignName"] != SANDBOX_ALIYUN.sign_name:
             raise _AliyunRefusal("isv.SMS_SIGNATURE_ILLEGAL", "该账号下找不到对应签名")
         if params["TemplateCode"] != SANDBOX_ALIYUN.template_code:
@@ -251,7 +299,7 @@ class SmsStandIn:
             raise _AliyunRefusal("isv.INVALID_JSON_PARAM", "JSON参数不合法，只接受字符串值")
         code = variables.get("code")
         if not code:
-            raise _AliyunRefusal("isv.TEMPLATE_MISSING_PARAMETERS", "模板缺少变量")
+            raise _AliyunRefusal("isv.TEMPLATE_MISSING_PARAMETERS", "模板变量缺少对应参数值")
         raw = params["PhoneNumbers"].split(",")
         if len(raw) > MAX_ALIYUN_NUMBERS:
             raise _AliyunRefusal("isv.MOBILE_COUNT_OVER_LIMIT", "手机号码数量超过限制")
