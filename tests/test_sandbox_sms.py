@@ -16,10 +16,11 @@ import pytest
 from test_sms import messages, set_rule
 
 from conftest import Server
-from mallgate.channels import sms_aliyun, sms_tencent
+from mallgate.channels import aliyun_v3, sms_aliyun, sms_tencent
 from mallgate.channels.sms import SANDBOX_ALIYUN, SmsSendError
 from mallgate.channels.sms_aliyun import AliyunSmsProvider
 from mallgate.channels.sms_tencent import TencentSmsProvider
+from mallgate.clock import Clock, default_clock
 from mallgate.sandbox.sms_standin import ALIYUN_WINDOW, SANDBOX_TENCENT, SmsBook
 from support import unique_mobile
 
@@ -118,6 +119,128 @@ async def test_aliyun_gateway_errors_have_the_real_shape(server: Server, http: h
     missing["Signature"] = sms_aliyun.sign("POST", missing, SANDBOX_ALIYUN.access_key_secret)
     answer = await http.post(url, data=missing)
     assert answer.status_code == 400 and answer.json()["Code"] == "MissingPhoneNumbers"
+
+
+def assert_gateway_refusal(answer: httpx.Response, status: int, code: str, message: str) -> None:
+    """A gateway refusal as Aliyun writes it: its status, the five fields, a Recommend naming the request."""
+    body = answer.json()
+    assert answer.status_code == status, body
+    assert list(body) == ["RequestId", "Message", "HostId", "Code", "Recommend"]
+    assert (body["Code"], body["HostId"]) == (code, "dysmsapi.aliyuncs.com")
+    assert body["Message"].startswith(message), body["Message"]
+    assert answer.headers["x-acs-request-id"] == body["RequestId"]
+    assert body["Recommend"] == (
+        f"https://api.aliyun.com/troubleshoot?q={code}&product=Dysmsapi&requestId={body['RequestId']}"
+    )
+
+
+async def test_aliyun_rpc_bad_signature_answers_the_server_string_to_sign(
+    server: Server, http: httpx.AsyncClient
+) -> None:
+    params = sms_aliyun.build_send_params(SANDBOX_ALIYUN, unique_mobile(), "123456")
+    params["Signature"] = sms_aliyun.sign("POST", params, "not-the-secret")
+    answer = await http.post(f"{server.url}/_sandbox/aliyun-sms/", data=params)
+    server_string = sms_aliyun.string_to_sign("POST", params)
+    assert_gateway_refusal(
+        answer,
+        400,
+        "SignatureDoesNotMatch",
+        f"Specified signature is not matched with our calculation. server string to sign is:{server_string}",
+    )
+    # What aliyun-python-sdk-core compares with its own string to sign (it crashed on the short text).
+    assert answer.json()["Message"].split(":")[1] == server_string
+
+
+@pytest.mark.parametrize("signature", ["v3", "rpc"])
+async def test_aliyun_accepts_both_signatures(
+    server: Server, client: httpx.AsyncClient, http: httpx.AsyncClient, signature: str
+) -> None:
+    mobile = unique_mobile()
+    assert await aliyun(server, http, signature=signature).send_code(mobile, "246802")
+    [message] = await messages(client, mobile)
+    assert (message["provider"], message["code"]) == ("aliyun", "246802")
+
+
+def v3_request(
+    server: Server, mobile: str, clock: Clock = default_clock, **changes: str
+) -> tuple[str, dict[str, str]]:
+    settings = SANDBOX_ALIYUN.model_copy(update={"endpoint": f"{server.url}/_sandbox/aliyun-sms/", **changes})
+    return sms_aliyun.build_v3_request(settings, mobile, "135246", clock)
+
+
+async def test_aliyun_v3_refusals_have_the_real_shape(server: Server, http: httpx.AsyncClient) -> None:
+    url, headers = v3_request(server, unique_mobile(), access_key_secret="not-the-secret")
+    wrong = await http.post(url, headers=headers)
+    assert_gateway_refusal(
+        wrong,
+        400,
+        "SignatureDoesNotMatch",
+        "Specified signature does not match our calculation. server StringToSign is [ACS3-HMAC-SHA256\n",
+    )
+    assert "server CanonicalRequest is [POST\n/\nPhoneNumbers=" in wrong.json()["Message"]
+
+    url, headers = v3_request(server, unique_mobile(), access_key_id="nobody")
+    unknown = await http.post(url, headers=headers)
+    assert_gateway_refusal(unknown, 404, "InvalidAccessKeyId.NotFound", "Specified access key is not found.")
+
+    sixteen_minutes_ago = Clock(now=lambda: time.time() - 16 * 60)
+    url, headers = v3_request(server, unique_mobile(), sixteen_minutes_ago)
+    assert_gateway_refusal(
+        await http.post(url, headers=headers),
+        400,
+        "InvalidTimeStamp.Expired",
+        "Specified time stamp or date value is expired.",
+    )
+
+    url, headers = v3_request(server, unique_mobile())
+    first = await http.post(url, headers=headers)
+    assert first.status_code == 200 and first.json()["Code"] == "OK", first.json()
+    assert_gateway_refusal(
+        await http.post(url, headers=headers),
+        400,
+        "SignatureNonceUsed",
+        "Specified signature nonce was used already.",
+    )
+
+    # A body the x-acs-content-sha256 does not describe.
+    url, headers = v3_request(server, unique_mobile())
+    tampered = await http.post(url, headers=headers, content=b"PhoneNumbers=13800138000")
+    assert_gateway_refusal(tampered, 400, "SignatureDoesNotMatch", "Specified signature does not match")
+
+    url, headers = v3_request(server, unique_mobile())
+    unsigned = await http.post(url, headers={**headers, "x-acs-security-token": "token"})
+    assert_gateway_refusal(
+        unsigned, 400, "IncompleteSignature", "The request signature does not conform to Aliyun standards."
+    )
+
+
+async def test_aliyun_v3_needs_a_nonce(server: Server, http: httpx.AsyncClient) -> None:
+    url, headers = v3_request(server, unique_mobile())
+    del headers["x-acs-signature-nonce"]
+    query = url.partition("?")[2]
+    headers["Authorization"] = aliyun_v3.authorization(
+        SANDBOX_ALIYUN.access_key_id,
+        SANDBOX_ALIYUN.access_key_secret,
+        method="POST",
+        query=query,
+        headers={k: v for k, v in headers.items() if k not in ("Authorization", "accept")},
+        payload_hash=aliyun_v3.sha256_hex(b""),
+    )
+    assert_gateway_refusal(
+        await http.post(url, headers=headers),
+        400,
+        "MissingSignatureNonce",
+        "SignatureNonce is mandatory for this action.",
+    )
+
+
+async def test_aliyun_business_errors_have_the_real_shape(server: Server, http: httpx.AsyncClient) -> None:
+    url, headers = v3_request(server, "19990000000")
+    answer = await http.post(url, headers=headers)
+    assert answer.status_code == 200
+    body = answer.json()
+    assert list(body) == ["RequestId", "Message", "Code"]
+    assert (body["Code"], body["Message"]) == ("isv.MOBILE_NUMBER_ILLEGAL", "非法手机号")
 
 
 # ------------------------------------------------------------------ Tencent
