@@ -10,6 +10,7 @@ import re
 import time
 import tomllib
 from collections.abc import AsyncIterator, Mapping
+from decimal import Decimal
 from html.parser import HTMLParser
 from importlib import resources
 from pathlib import Path
@@ -19,11 +20,12 @@ from urllib.parse import urljoin
 import httpx
 import pytest
 from fastapi import APIRouter
-from test_sandbox_payments import sandbox_state, service_payments
+from test_sandbox_payments import effective, sandbox_state, service_payments
 from test_sandbox_sms import aliyun
 
 import mallgate
 from conftest import Server
+from mallgate.channels import alipay
 from mallgate.sandbox.app import MOUNT, StandIn
 from mallgate.sandbox.pages import environment
 from mallgate.sandbox.payments import Payments
@@ -247,6 +249,32 @@ async def test_an_order_the_service_does_not_know_shows_its_refusal(
     assert delivery.attempts[0].ok is False and str(delivery.attempts[0].status) in outcome
     lines = [r.getMessage() for r in caplog.records if r.name == "mallgate.sandbox"]
     assert any(order_no in line and refusal in line for line in lines), lines
+
+
+async def test_a_cashier_redirects_and_its_refresh_notifies_nothing(
+    server: Server, client: httpx.AsyncClient, payments: Payments
+) -> None:
+    order = await admin_create_order(client, amount="2.50")
+    url = alipay.wap_pay_url(
+        effective(server).alipay,
+        notify_url=f"{server.api}/pay/notify",
+        out_trade_no=order["order_no"],
+        total_amount=Decimal("2.50"),
+        subject="梨",
+        return_url="https://shop.example/back",
+    )
+    cashier = await client.get(url)
+    assert cashier.status_code == 200 and 'action="cashier/pay"' in cashier.text
+    paid = await client.post(f"{MOUNT}/alipay/cashier/pay", data={"out_trade_no": order["order_no"]})
+    assert paid.status_code == 303
+    done = urljoin(f"{MOUNT}/alipay/cashier/pay", paid.headers["location"])
+    sent = len(payments.notifier.deliveries)
+    for _ in range(2):
+        page = await client.get(done)
+        assert page.status_code == 200 and order["order_no"] in page.text
+        assert "https://shop.example/back?" in page.text and "SANDBOX" in page.text
+    assert len(payments.notifier.deliveries) == sent
+    assert [d.order_no for d in payments.notifier.deliveries].count(order["order_no"]) == 1
 
 
 # ---------------------------------------------------------------------------------------------
