@@ -32,6 +32,12 @@ log = logging.getLogger("mallgate")
 
 NOTIFY_SUFFIXES = ("/pay/notify", "/wechat/notify")
 DOCS_ASSETS = "/docs/assets"
+# The routes read their parameters themselves (query, form or JSON alike), so the document
+# cannot list them: it says where they are.
+API_DESCRIPTION = (
+    "Every route takes its parameters from the query string, a form body or a JSON body. "
+    "Parameters, answers and error codes of each route: docs/API.md in the repository."
+)
 CORS_HEADERS = ["Auth-Token", "Content-Type", "Authorization", "X-Requested-With", "Accept", "Origin"]
 
 
@@ -162,7 +168,12 @@ def create_app(
 
     # Swagger UI's scripts and styles from the fastapi-offline package: /docs works with no network.
     app = FastAPIOffline(
-        docs_url="/docs", redoc_url=None, static_url=DOCS_ASSETS, title="mallgate", lifespan=lifespan
+        docs_url="/docs",
+        redoc_url=None,
+        static_url=DOCS_ASSETS,
+        title="mallgate",
+        description=API_DESCRIPTION,
+        lifespan=lifespan,
     )
     app.openapi = functools.partial(openapi_schema, app)  # type: ignore[method-assign]
     app.state.runtime = runtime
