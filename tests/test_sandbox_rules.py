@@ -38,14 +38,32 @@ from support import ADMIN, admin_create_order, admin_create_user, unique_mobile
 _KEY_SETTINGS = {"alipay": ("public_key", "private_key"), "wechat_pay": ("public_key", "mch_private_key")}
 
 
+# A real-looking value of each credential that has a known shape (the settings validate them).
+_SHAPED = {
+    ("alipay", "app_id"): "2021000123456789",
+    ("alipay", "seller_id"): "2088101122136241",
+    ("wechat_pay", "app_id"): "wxd930ea5d5a258f4f",
+    ("wechat_pay", "mch_id"): "1900000109",
+    ("wechat_pay", "api_key"): "a" * 32,
+    ("wechat_pay", "api_v3_key"): "k" * 32,
+    ("wechat_pay", "public_key_id"): "PUB_KEY_ID_0114232134912410000000000000",
+    ("wechat_pay", "mch_serial_no"): "5157F09EFDC096DE15EBE81A47057A7232F1B8E1",
+    ("wechat_mp", "app_id"): "wxd930ea5d5a258f4f",
+    ("wechat_mp", "aes_key"): "a" * 43,
+    ("wechat_mini", "app_id"): "wx1234567890abcdef",
+    ("wechat_app", "app_id"): "wx0123456789abcdef",
+    ("qq", "app_id"): "101827370",
+    ("apple", "bundle_id"): "com.example.mall",
+    ("sms", "aliyun.template_code"): "SMS_154950909",
+    ("sms", "tencent.sdk_app_id"): "1400006666",
+    ("sms", "tencent.template_id"): "449739",
+}
+
+
 def _credential_value(party: str, path: str, rsa_pem: str) -> str:
     if path in _KEY_SETTINGS.get(party, ()):
         return rsa_pem
-    if path == "api_v3_key":
-        return "k" * 32
-    if path == "aes_key":
-        return "a" * 43
-    return "set-by-operator"
+    return _SHAPED.get((party, path), "set-by-operator")
 
 
 def _settings(tmp_path: Path, **values: Any) -> Settings:
@@ -140,11 +158,11 @@ def test_party_states(tmp_path: Path) -> None:
         party_state(_settings(tmp_path, sms={"provider": "console"}), "sms", sandbox=False).state == "console"
     )
     assert party_state(bare, "qq", sandbox=True).state == "sandbox"
-    half = _settings(tmp_path, wechat_mp={"app_id": "wx1"})
+    half = _settings(tmp_path, wechat_mp={"app_id": "wxd930ea5d5a258f4f"})
     state = party_state(half, "wechat_mp", sandbox=False)
     assert state.state == "incomplete" and state.missing == ("MALLGATE_WECHAT_MP__APP_SECRET",)
     assert "missing MALLGATE_WECHAT_MP__APP_SECRET" in state.text()
-    full = _settings(tmp_path, qq={"app_id": "1001"})
+    full = _settings(tmp_path, qq={"app_id": "101827370"})
     assert party_state(full, "qq", sandbox=False).state == "configured"
 
 
@@ -285,7 +303,7 @@ def test_the_start_up_lines_say_what_each_party_is(tmp_path: Path) -> None:
     port = free_port()
     proc = subprocess.Popen(
         [*MALLGATE, "serve", "--port", str(port), "--no-sandbox"],
-        env=_env(tmp_path, MALLGATE_SMS__PROVIDER="console", MALLGATE_WECHAT_MP__APP_ID="wx1"),
+        env=_env(tmp_path, MALLGATE_SMS__PROVIDER="console", MALLGATE_WECHAT_MP__APP_ID="wxd930ea5d5a258f4f"),
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
