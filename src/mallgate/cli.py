@@ -8,7 +8,6 @@ import logging
 import logging.config
 import os
 import re
-import shutil
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -20,6 +19,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from mallgate.db.migrate import upgrade as migrate_upgrade
+from mallgate.disk import metrics_dir_for_workers, warn_if_low_space
 from mallgate.parties import is_loopback, party_states, sandbox_problems, sandbox_wanted
 from mallgate.runtime import Runtime
 from mallgate.settings import Settings
@@ -123,11 +123,10 @@ def serve(
         os.environ["MALLGATE_PUBLIC_URL"] = f"http://{shown}:{port}"
         settings = load_settings()
     migrate_upgrade(settings.resolved_database_url)
+    warn_if_low_space(settings)
     if workers > 1:
-        metrics_dir = settings.var_dir / "prometheus"
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-        metrics_dir.mkdir(parents=True)
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
+        # The workers' metrics files: off the database's disk unless MALLGATE_METRICS_DIR says so.
+        metrics_dir_for_workers(settings.metrics_dir)
     db_kind = settings.resolved_database_url.split(":", 1)[0]
     on = sandbox_wanted(settings)
     log.info(

@@ -13,6 +13,9 @@ from collections.abc import Callable
 from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+# First: guards the workers' metrics files against a full disk before any metric holds a value.
+from mallgate import metrics
+
 REQUESTS = Counter("mallgate_requests_total", "HTTP requests", ["route", "method", "status"])
 LATENCY = Histogram(
     "mallgate_request_seconds",
@@ -20,6 +23,10 @@ LATENCY = Histogram(
     ["route"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
+
+# The method is the client's to choose (any token): the rest are one label, so that the label
+# sets, and the workers' metrics files, stay bounded.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class BodyTooLarge(Exception):
@@ -44,7 +51,8 @@ async def _answer(send: Send, status: int, body: bytes, *extra: tuple[bytes, byt
 class Gate:
     """Counts requests by route template, refuses oversized bodies, answers bare OPTIONS.
 
-    - Metrics are labelled by route template, not raw path (which would explode the label set).
+    - Metrics are labelled by route template, not raw path (which would explode the label set),
+      and by method only among the usual ones.
     - Bodies over the limit are refused by Content-Length before they are read, and while
       streaming when there is none (the app then answers 413 through BodyTooLarge).
     - The original answered every OPTIONS with 200; real CORS preflights (with
@@ -76,8 +84,10 @@ class Gate:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            REQUESTS.labels(template, scope["method"], str(status)).inc()
+            method = scope["method"] if scope["method"] in _METHODS else "other"
+            REQUESTS.labels(template, method, str(status)).inc()
             LATENCY.labels(template).observe(time.perf_counter() - started)
+            metrics.sync_dropped()
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, started: Callable[[], bool]) -> None:
         headers = dict(scope.get("headers") or [])

@@ -226,6 +226,19 @@ class Settings(BaseSettings):
     )
     db_timeout_seconds: float = Field(2.0, gt=0)
     recharge_max: Decimal = Field(Decimal("50000.00"), gt=0)
+    # The disk (mallgate.disk, mallgate.metrics).
+    metrics_dir: Path | None = Field(
+        None,
+        description="where `serve --workers N` keeps the workers' metrics files (PROMETHEUS_MULTIPROC_DIR), "
+        "emptied of them at start; unset: a fresh folder under the system's temporary directory each run",
+    )
+    min_free_mb: int = Field(100, ge=0, description="start-up warns when less is free under var_dir; 0 never")
+
+    @field_validator("metrics_dir", mode="before")
+    @classmethod
+    def _metrics_dir_unset_when_empty(cls, value: object) -> object:
+        # Path("") is the working directory, whose files start-up would then clean up.
+        return None if value == "" else value
 
     alipay: AlipaySettings = AlipaySettings()
     wechat_pay: WechatPaySettings = WechatPaySettings()
