@@ -397,6 +397,14 @@ def test_the_guard_fits_the_installed_prometheus_client(tmp_path: Path) -> None:
     assert stat.st_blocks * 512 >= stat.st_size
     read = {key: value for key, value, _ts, _pos in MmapedDict.read_all_values_from_file(path)}
     assert read == {key: float(n) for n, key in enumerate(keys)}
+    # A file someone else made sparse, or left empty, has its holes filled when it is opened.
+    for size in (2 * metrics.INITIAL_FILE_BYTES, 0):
+        other = tmp_path / f"counter_{size}.db"
+        with other.open("wb") as made:
+            made.truncate(size)
+        metrics.GuardedMmapedDict(str(other)).close()
+        stat = other.stat()
+        assert stat.st_size >= max(size, metrics.INITIAL_FILE_BYTES) and stat.st_blocks * 512 >= stat.st_size
 
 
 def test_a_metric_write_that_finds_no_room_is_dropped_then_lands(

@@ -90,6 +90,20 @@ def _create(filename: str) -> None:
     os.replace(part, filename)
 
 
+def _prepare(filename: str) -> None:
+    """The file made, or, when it is there already (made by someone else), its holes filled."""
+    try:
+        fd = os.open(filename, os.O_RDWR)
+    except FileNotFoundError:
+        _create(filename)
+        return
+    try:
+        # An empty one the library would grow to its own start: the same size, allocated.
+        reserve(fd, max(os.fstat(fd).st_size, INITIAL_FILE_BYTES))
+    finally:
+        os.close(fd)
+
+
 class GuardedMmapedDict(MmapedDict):
     """prometheus_client's MmapedDict whose file never has a block the map could miss.
 
@@ -110,8 +124,8 @@ class GuardedMmapedDict(MmapedDict):
         if self._f is not None:
             return True
         try:
-            if not self._read_mode and not os.path.exists(self._fname):
-                _create(self._fname)
+            if not self._read_mode:
+                _prepare(self._fname)
             MmapedDict.__init__(self, self._fname, self._read_mode)
         except OSError as exc:
             if self._f is not None:
