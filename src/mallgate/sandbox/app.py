@@ -175,8 +175,9 @@ def _standins(state: SandboxState) -> list[StandIn]:
     """Every stand-in of the sandbox; later parts add theirs here."""
     from mallgate.sandbox.payments import payment_standins
     from mallgate.sandbox.sms_standin import sms_standin
+    from mallgate.sandbox.wechat_standin import wechat_standin
 
-    return [*payment_standins(state), sms_standin(state)]
+    return [*payment_standins(state), sms_standin(state), wechat_standin(state)]
 
 
 @dataclass(frozen=True)
