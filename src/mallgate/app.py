@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from mallgate.clock import Clock
 from mallgate.envelope import guarded, install_handlers
 from mallgate.middleware import BodyTooLarge, Gate, too_large_body
-from mallgate.routes import account, admin, health, login, payments, qrcode, sms
+from mallgate.routes import account, admin, health, login, oauth, payments, qrcode, sms
 from mallgate.runtime import Runtime
 from mallgate.sandbox.app import MOUNT, create_sandbox_app, service_settings
 from mallgate.settings import Settings
@@ -62,6 +62,7 @@ def api_router() -> APIRouter:
     router.include_router(qrcode.router)
     router.include_router(sms.router)
     router.include_router(login.router)
+    router.include_router(oauth.router)
     return router
 
 

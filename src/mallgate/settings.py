@@ -95,9 +95,15 @@ class WechatMpSettings(WechatAppCredentials):
             raise ValueError("EncodingAESKey must be 43 characters")
         return value
 
+    require_state: bool = Field(
+        False, description="oauth accepts only a state that oauth/url issued, each once (CSRF guard)"
+    )
+
 
 class WechatSettings(BaseModel):
     api_base: str = "https://api.weixin.qq.com"
+    # The OAuth consent page's host (the sandbox plays it at /_sandbox/wechat).
+    oauth_base: str = "https://open.weixin.qq.com"
 
 
 class QQSettings(BaseModel):

@@ -140,7 +140,7 @@ def sandbox_settings(settings: Settings, sandbox_url: str, keys: SandboxKeys) ->
         },
         "wechat_mini": {"app_id": WECHAT_MINI_APP_ID, "app_secret": keys.wechat_app_secret},
         "wechat_app": {"app_id": WECHAT_APP_APP_ID, "app_secret": keys.wechat_app_secret},
-        "wechat": {"api_base": f"{sandbox_url}/wechat"},
+        "wechat": {"api_base": f"{sandbox_url}/wechat", "oauth_base": f"{sandbox_url}/wechat"},
         "qq": {"app_id": QQ_APP_ID, "api_base": f"{sandbox_url}/qq"},
         "apple": {"bundle_id": APPLE_BUNDLE_ID, "keys_url": f"{sandbox_url}/apple/auth/keys"},
         "sms": {"provider": "sandbox"},
@@ -175,9 +175,10 @@ def _standins(state: SandboxState) -> list[StandIn]:
     """Every stand-in of the sandbox; later parts add theirs here."""
     from mallgate.sandbox.payments import payment_standins
     from mallgate.sandbox.sms_standin import sms_standin
+    from mallgate.sandbox.wechat_oauth_standin import wechat_oauth_standin
     from mallgate.sandbox.wechat_standin import wechat_standin
 
-    return [*payment_standins(state), sms_standin(state), wechat_standin(state)]
+    return [*payment_standins(state), sms_standin(state), wechat_standin(state), wechat_oauth_standin(state)]
 
 
 @dataclass(frozen=True)

@@ -216,3 +216,73 @@ async def admin_view(session: AsyncSession, user: User) -> dict[str, Any]:
 
 async def find_by_mobile(session: AsyncSession, mobile: str) -> User | None:
     return (await session.scalars(select(User).where(User.mobile == mobile))).first()
+
+
+# Every WeChat app (Official Account, Mini Program, APP) logs in as provider "wechat", told
+# apart by app_id; a unionid links only these (QQ has unionids of its own, another namespace).
+WECHAT: Final = "wechat"
+
+
+async def wechat_user(
+    session: AsyncSession,
+    now: datetime,
+    *,
+    app_id: str,
+    openid: str,
+    unionid: str = "",
+    spread_id: int | None = None,
+    nickname: str = "",
+    avatar: str = "",
+    sex: int = 0,
+) -> tuple[User, bool]:
+    """The user of a WeChat login at `app_id`, and whether it was created now.
+
+    Found by (wechat, app_id, openid); else, when `unionid` is not empty, the same person's
+    identity at another WeChat app gives the user and this identity is added to it; else a
+    new user (with `spread_id` when it names an existing user). An empty unionid never links:
+    every app without an Open Platform binding would otherwise be one person. Concurrent
+    first logins of one openid meet the unique (provider, app_id, openid): the loser's
+    transaction raises IntegrityError and is retried by the caller.
+    """
+    unionid = unionid.strip()
+    identity = (
+        await session.scalars(
+            select(Identity).where(
+                Identity.provider == WECHAT, Identity.app_id == app_id, Identity.openid == openid
+            )
+        )
+    ).first()
+    if identity is not None:
+        if unionid and not identity.unionid:
+            identity.unionid = unionid  # learnt later: snsapi_base first, snsapi_userinfo now
+        user = await session.get(User, identity.user_id)
+        assert user is not None  # identities.user_id is a foreign key
+        return user, False
+    user = await _user_of_unionid(session, unionid) if unionid else None
+    created = user is None
+    if user is None:
+        user = await create_user(session, now, nickname=nickname, avatar=avatar, sex=sex, spread_id=spread_id)
+    session.add(
+        Identity(
+            user_id=user.id,
+            provider=WECHAT,
+            app_id=app_id,
+            openid=openid,
+            unionid=unionid or None,
+            created_at=now,
+        )
+    )
+    await session.flush()
+    return user, created
+
+
+async def _user_of_unionid(session: AsyncSession, unionid: str) -> User | None:
+    user_id = (
+        await session.scalars(
+            select(Identity.user_id)
+            .where(Identity.provider == WECHAT, Identity.unionid == unionid)
+            .order_by(Identity.id)
+            .limit(1)
+        )
+    ).first()
+    return await session.get(User, user_id) if user_id is not None else None
