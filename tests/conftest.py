@@ -68,6 +68,37 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("backend", list(BACKENDS), indirect=True, scope="session")
 
 
+_LABELLED: list[str] = []  # the database whose block of progress lines is being printed
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """A header line where the tests of another database begin.
+
+    pytest runs the tests grouped by database, so the progress showed the same file names
+    once per database with nothing saying which block was which.
+    """
+    callspec = getattr(item, "callspec", None)
+    name = str(callspec.params.get("backend", "")) if callspec is not None else ""
+    if _LABELLED[-1:] == [name]:
+        return
+    _LABELLED.append(name)
+    reporter = item.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        return
+    if getattr(reporter, "_width_of_current_line", 0):
+        # A line of progress is open: end it as pytest would, with its [ nn%] (private helpers,
+        # hence optional); in -v mode pytest has written it already.
+        finish = getattr(reporter, "_write_progress_information_filling_space", None)
+        if reporter.verbosity <= 0 and getattr(reporter, "_show_progress_info", False) and finish:
+            finish()
+        reporter.write("\n")
+    header = f"---------- database: {name or 'none'} ----------"
+    # Where pytest shows file names it starts their line with a newline; in -q mode nothing does.
+    reporter.write(header if reporter.showfspath else header + "\n")
+    reporter.currentfspath = None  # the next file's name is written again, under the header
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     line = "=" * 20
     terminalreporter.write_line(

@@ -18,7 +18,7 @@ from fastapi.responses import Response
 from fastapi_offline import FastAPIOffline
 from starlette.datastructures import State
 from starlette.routing import BaseRoute, Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mallgate.clock import Clock
 from mallgate.envelope import guarded, install_handlers
@@ -133,6 +133,8 @@ class NotifyLane:
         return self.app.routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            scope, send = head_as_get(scope, send)
         lane = self.lanes.get(scope["path"]) if scope["type"] == "http" else None
         if lane is None:
             await guarded(self.app, scope, receive, send)
@@ -211,6 +213,22 @@ def create_app(
         full = Route(path, route.endpoint, methods=sorted(route.methods or ()))
         lanes[path] = Gate(_Labelled(full), default_limit=settings.notify_body_limit, limit_for=limit_for)
     return NotifyLane(app, lanes)
+
+
+def head_as_get(scope: Scope, send: Send) -> tuple[Scope, Send]:
+    """HEAD answered as GET without the body (RFC 9110 9.3.2); FastAPI's routes take no HEAD.
+
+    Load balancers and `curl -I` check with HEAD, and got 405. The headers, Content-Length
+    included, are the GET answer's. Only the app sees GET: the server's own scope still says
+    HEAD, so it frames the answer as one. A route without GET answers 405, as for GET.
+    """
+
+    async def headers_only(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            message = {**message, "body": b""}
+        await send(message)
+
+    return {**scope, "method": "GET"}, headers_only
 
 
 class _Labelled:

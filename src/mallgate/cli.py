@@ -3,26 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import logging.config
 import os
 import re
+import socket
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 import uvicorn
+from dotenv import dotenv_values
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from mallgate.db.migrate import upgrade as migrate_upgrade
+from mallgate.db.problems import connection_problem, masked, without
 from mallgate.disk import metrics_dir_for_workers, warn_if_low_space
 from mallgate.parties import is_loopback, party_states, sandbox_problems, sandbox_wanted
 from mallgate.runtime import Runtime
-from mallgate.settings import Settings
+from mallgate.settings import Settings, unknown_settings
 
 app = typer.Typer(add_completion=False, help="mallgate: the third-party gateway of an online mall")
 db_app = typer.Typer(help="database")
@@ -33,6 +39,23 @@ T = TypeVar("T")
 log = logging.getLogger("mallgate")
 
 
+@app.callback()
+def _start() -> None:
+    # Runs before every command: a misspelled name would otherwise be ignored without a word.
+    warn_unknown_variables()
+
+
+def warn_unknown_variables(env_file: Path = Path(".env")) -> None:
+    """One line per `MALLGATE_*` name, in the environment or `.env`, that sets nothing."""
+    sources: list[tuple[str, list[str]]] = [("the environment", list(os.environ))]
+    if env_file.is_file():
+        sources.append((str(env_file), list(dotenv_values(env_file))))
+    for where, names in sources:
+        for name, closest in unknown_settings(names):
+            hint = f": did you mean {closest}?" if closest else ""
+            typer.echo(f"mallgate: warning: {name} (in {where}) is not a setting, ignored{hint}", err=True)
+
+
 def load_settings() -> Settings:
     """Settings, or a message naming the malformed setting and exit code 2."""
     try:
@@ -40,7 +63,36 @@ def load_settings() -> Settings:
     except ValidationError as exc:
         for error in exc.errors():
             name = "MALLGATE_" + "__".join(str(p).upper() for p in error["loc"])
-            typer.echo(f"mallgate: setting {name} is invalid: {error['msg']}", err=True)
+            message = error["msg"].removeprefix("Value error, ")
+            typer.echo(f"mallgate: setting {name} is invalid: {message}", err=True)
+        raise typer.Exit(2) from None
+    except SettingsError as exc:
+        # A nested group given as one variable (MALLGATE_SMS='{...}') that is not JSON.
+        field = re.search(r'field "(\w+)"', str(exc))
+        name = "MALLGATE_" + field.group(1).upper() if field else "a MALLGATE_ variable"
+        typer.echo(f"mallgate: setting {name} is invalid: {exc.__cause__ or exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@contextmanager
+def database_errors(settings: Settings) -> Iterator[None]:
+    """A database that cannot be reached stops the command with one line and exit code 2.
+
+    The line names the setting, the URL with its password masked, what failed and the fix;
+    failures that are not about reaching the database still raise.
+    """
+    url = settings.resolved_database_url
+    try:
+        yield
+    except Exception as exc:
+        problem = connection_problem(exc, url, timeout=settings.db_timeout_seconds)
+        if problem is None:
+            raise
+        if settings.database_url:
+            setting = f"MALLGATE_DATABASE_URL={masked(url)}"
+        else:
+            setting = f"MALLGATE_VAR_DIR={settings.var_dir} (the SQLite file, no MALLGATE_DATABASE_URL)"
+        typer.echo(without(f"mallgate: {setting}: {problem}", url), err=True)
         raise typer.Exit(2) from None
 
 
@@ -90,7 +142,8 @@ def _configure_logging() -> None:
 def db_upgrade() -> None:
     """Apply the database migrations."""
     settings = load_settings()
-    migrate_upgrade(settings.resolved_database_url)
+    with database_errors(settings):
+        migrate_upgrade(settings.resolved_database_url)
     typer.echo("database is up to date")
 
 
@@ -122,25 +175,17 @@ def serve(
         shown = host if is_loopback(host) else "127.0.0.1"
         os.environ["MALLGATE_PUBLIC_URL"] = f"http://{shown}:{port}"
         settings = load_settings()
-    migrate_upgrade(settings.resolved_database_url)
+    # Bound before the migration, so that a busy port is told before anything else happens.
+    sock = bind_socket(host, port)
+    with database_errors(settings):
+        migrate_upgrade(settings.resolved_database_url)
     warn_if_low_space(settings)
     if workers > 1:
         # The workers' metrics files: off the database's disk unless MALLGATE_METRICS_DIR says so.
         metrics_dir_for_workers(settings.metrics_dir)
     db_kind = settings.resolved_database_url.split(":", 1)[0]
     on = sandbox_wanted(settings)
-    log.info(
-        "mallgate listening on http://%s:%d (api %s, database %s, sandbox %s, admin API %s, workers %d)",
-        host,
-        port,
-        settings.base_path or "/",
-        db_kind,
-        "on at " + settings.public_url.rstrip("/") + "/_sandbox/" if on else "off",
-        "on" if settings.admin_token else "off",
-        workers,
-    )
-    log_parties(settings, sandbox=on)
-    uvicorn.run(
+    config = uvicorn.Config(
         "mallgate.asgi:app",
         host=host,
         port=port,
@@ -152,6 +197,67 @@ def serve(
         log_level="warning",
         access_log=False,
     )
+    # From here connections wait in the backlog until a worker takes them: the line is true.
+    sock.listen(config.backlog)
+    log.info(
+        "mallgate listening on http://%s:%d (api %s, database %s, sandbox %s, admin API %s, workers %d)",
+        host,
+        port,
+        settings.base_path or "/",
+        db_kind,
+        "on at " + settings.public_url.rstrip("/") + "/_sandbox/" if on else "off",
+        "on" if settings.admin_token else "off",
+        workers,
+    )
+    log_parties(settings, sandbox=on)
+    run_uvicorn(config, sock)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening socket of `serve`, bound here so that a busy port is one line, exit code 2.
+
+    uvicorn binds its own socket (once, before forking its workers) and answers a busy port
+    with a logged error after mallgate has already said where it listens. The socket is made
+    as uvicorn's `Config.bind_socket` makes it, and handed to uvicorn, workers included.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        refuse_to_start([_bind_problem(exc, host, port)])
+    sock.set_inheritable(True)
+    return sock
+
+
+def _bind_problem(exc: OSError, host: str, port: int) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return f"port {port} is in use (on {host}): stop what holds it, or choose another with --port"
+    if exc.errno == errno.EACCES:
+        return f"port {port} needs privileges on this machine: choose one above 1023 with --port"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"{host} is not an address of this machine: use --host 127.0.0.1 or 0.0.0.0"
+    if isinstance(exc, socket.gaierror):
+        return f"--host {host} is not a known name or address"
+    return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+
+
+def run_uvicorn(config: uvicorn.Config, sock: socket.socket) -> None:
+    """What `uvicorn.run` does once it has its socket: one server, or a supervisor of workers."""
+    from uvicorn.supervisors import Multiprocess
+
+    server = uvicorn.Server(config)
+    try:
+        if config.workers > 1:
+            Multiprocess(config, sockets=[sock]).run()
+        else:
+            server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    if config.workers == 1 and not server.started:
+        sys.exit(3)  # uvicorn's own exit code when the app failed to start
 
 
 @app.command("sandbox")
@@ -182,8 +288,11 @@ def sandbox_cmd(
 
     outer = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     outer.mount(MOUNT, sandbox)
+    sock = bind_socket(host, port)
+    config = uvicorn.Config(outer, host=host, port=port, log_level="warning")
+    sock.listen(config.backlog)
     log.info("mallgate sandbox on http://%s:%d%s/ (service %s)", host, port, MOUNT, service_url)
-    uvicorn.run(outer, host=host, port=port, log_level="warning")
+    run_uvicorn(config, sock)
 
 
 def _runtime(settings: Settings) -> Runtime:
@@ -205,8 +314,12 @@ def _run(work: Callable[[Runtime], Awaitable[T]]) -> T:
     settings = load_settings()
 
     async def run() -> T:
-        runtime = _runtime(settings)
+        with database_errors(settings):
+            runtime = _runtime(settings)
         try:
+            # Reached first on its own: an error of the work itself is never told as the database's.
+            with database_errors(settings):
+                await runtime.db.ping()
             return await work(runtime)
         finally:
             await runtime.close()

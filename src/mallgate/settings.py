@@ -7,13 +7,20 @@ them too. A malformed value stops start-up with the setting's name.
 
 from __future__ import annotations
 
+import difflib
+import re
+from collections.abc import Callable, Iterable
+from datetime import tzinfo
 from decimal import Decimal
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from mallgate.clock import zone_named
+from mallgate.db.problems import url_problem
 from mallgate.forwarded import parse_networks
 from mallgate.keys import KeyFormatError, load_private_key, load_public_key
 
@@ -36,13 +43,90 @@ def _check_private_key(value: str) -> str:
     return value
 
 
+def _shaped(pattern: str, shape: str) -> AfterValidator:
+    """Refuses a value that is set but not of `pattern`'s shape; empty stays "unset".
+
+    The message says the shape, never the value: some of these are secrets.
+    """
+    compiled = re.compile(pattern)
+
+    def check(value: str) -> str:
+        if value and not compiled.fullmatch(value):
+            raise ValueError(shape)
+        return value
+
+    return AfterValidator(check)
+
+
+def _url_check(*, required: bool) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if not value and not required:
+            return value  # unset: the sandbox fills it, else the party is not configured
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - a port that is not a number raises here
+        except ValueError:
+            parts = None
+        if (
+            parts is None
+            or parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or any(c.isspace() for c in value)
+        ):
+            raise ValueError("must be an http:// or https:// URL with a host, e.g. https://pay.example.com")
+        return value
+
+    return check
+
+
+# Shapes as the platforms issue them (their consoles and API references): a value of another shape
+# is a paste error that would otherwise surface as a refused signature or an "invalid appid" much later.
+HttpUrl = Annotated[str, AfterValidator(_url_check(required=False))]
+WechatAppId = Annotated[
+    str, _shaped(r"wx[0-9a-fA-F]{16}", "a WeChat AppID is wx and 16 hex digits, e.g. wxd930ea5d5a258f4f")
+]
+AlipayAppId = Annotated[str, _shaped(r"[0-9]{16}", "an Alipay APPID is 16 digits, e.g. 2021000123456789")]
+AlipayUserId = Annotated[
+    str, _shaped(r"2088[0-9]{12}", "an Alipay seller id (PID) is 2088 and 12 digits, e.g. 2088101122136241")
+]
+MchId = Annotated[str, _shaped(r"[0-9]{1,32}", "a WeChat Pay merchant id is digits, e.g. 1900000109")]
+ApiV2Key = Annotated[
+    str,
+    _shaped(r"[\x21-\x7e]{32}", "the APIv2 key is 32 characters (letters and digits) as set in the console"),
+]
+SerialNo = Annotated[
+    str,
+    _shaped(r"[0-9A-Fa-f]{8,40}", "a certificate serial number is 8 to 40 hex digits, as the console shows"),
+]
+PublicKeyId = Annotated[
+    str, _shaped(r"PUB_KEY_ID_[0-9A-Za-z]+", "a WeChat Pay public key id is PUB_KEY_ID_ and digits, as shown")
+]
+AesKey = Annotated[str, _shaped(r"[0-9A-Za-z]{43}", "EncodingAESKey must be 43 letters and digits")]
+QQAppId = Annotated[str, _shaped(r"[0-9]{1,20}", "a QQ Connect APP ID is digits, e.g. 101827370")]
+BundleId = Annotated[
+    str,
+    _shaped(
+        r"[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+",
+        "an Apple bundle id (or Services ID) is reverse-DNS letters, digits and -, e.g. com.example.mall",
+    ),
+]
+AliyunTemplateCode = Annotated[
+    str, _shaped(r"SMS_[0-9A-Za-z_]+", "an Aliyun template code is SMS_ and digits, e.g. SMS_154950909")
+]
+TencentSdkAppId = Annotated[str, _shaped(r"[0-9]{1,20}", "a Tencent SmsSdkAppId is digits, e.g. 1400006666")]
+TencentTemplateId = Annotated[str, _shaped(r"[0-9]{1,20}", "a Tencent template id is digits, e.g. 449739")]
+TencentRegion = Annotated[
+    str, _shaped(r"[a-z]{2,}(-[a-z0-9]+)+", "a Tencent Cloud region looks like ap-guangzhou")
+]
+
+
 class AlipaySettings(BaseModel):
-    app_id: str = ""
+    app_id: AlipayAppId = ""
     public_key: str = Field("", description="Alipay's public key: PEM, bare base64 or a file path")
     private_key: str = Field("", description="the merchant's private key, signs calls to Alipay")
     sign_type: Literal["RSA2", "RSA"] = "RSA2"
-    seller_id: str = ""
-    gateway_url: str = "https://openapi.alipay.com/gateway.do"
+    seller_id: AlipayUserId = ""
+    gateway_url: HttpUrl = "https://openapi.alipay.com/gateway.do"
 
     _pub = field_validator("public_key")(classmethod(lambda cls, v: _check_public_key(v)))
     _priv = field_validator("private_key")(classmethod(lambda cls, v: _check_private_key(v)))
@@ -53,16 +137,16 @@ class AlipaySettings(BaseModel):
 
 
 class WechatPaySettings(BaseModel):
-    app_id: str = ""
-    mch_id: str = ""
-    api_key: str = Field("", description="APIv2 key (32 characters)")
+    app_id: WechatAppId = ""
+    mch_id: MchId = ""
+    api_key: ApiV2Key = Field("", description="APIv2 key (32 characters)")
     api_v3_key: str = Field("", description="APIv3 key (32 bytes)")
     public_key: str = Field("", description="WeChat Pay public key (public-key mode)")
-    public_key_id: str = Field("", description="PUB_KEY_ID_... of that key")
+    public_key_id: PublicKeyId = Field("", description="PUB_KEY_ID_... of that key")
     platform_certs: str = Field("", description="certificate mode: PEM bundle or folder of PEM files")
     mch_private_key: str = ""
-    mch_serial_no: str = ""
-    api_base: str = "https://api.mch.weixin.qq.com"
+    mch_serial_no: SerialNo = ""
+    api_base: HttpUrl = "https://api.mch.weixin.qq.com"
 
     _pub = field_validator("public_key")(classmethod(lambda cls, v: _check_public_key(v)))
     _priv = field_validator("mch_private_key")(classmethod(lambda cls, v: _check_private_key(v)))
@@ -80,20 +164,13 @@ class WechatPaySettings(BaseModel):
 
 
 class WechatAppCredentials(BaseModel):
-    app_id: str = ""
+    app_id: WechatAppId = ""
     app_secret: str = ""
 
 
 class WechatMpSettings(WechatAppCredentials):
     token: str = ""
-    aes_key: str = Field("", description="EncodingAESKey, 43 characters")
-
-    @field_validator("aes_key")
-    @classmethod
-    def _aes_key_length(cls, value: str) -> str:
-        if value and len(value) != 43:
-            raise ValueError("EncodingAESKey must be 43 characters")
-        return value
+    aes_key: AesKey = Field("", description="EncodingAESKey, 43 characters")
 
     require_state: bool = Field(
         False, description="oauth accepts only a state that oauth/url issued, each once (CSRF guard)"
@@ -101,27 +178,27 @@ class WechatMpSettings(WechatAppCredentials):
 
 
 class WechatSettings(BaseModel):
-    api_base: str = "https://api.weixin.qq.com"
+    api_base: HttpUrl = "https://api.weixin.qq.com"
     # The OAuth consent page's host (the sandbox plays it at /_sandbox/wechat).
     oauth_base: str = "https://open.weixin.qq.com"
 
 
 class QQSettings(BaseModel):
-    app_id: str = ""
-    api_base: str = "https://graph.qq.com"
+    app_id: QQAppId = ""
+    api_base: HttpUrl = "https://graph.qq.com"
 
 
 class AppleSettings(BaseModel):
-    bundle_id: str = ""
-    keys_url: str = "https://appleid.apple.com/auth/keys"
+    bundle_id: BundleId = ""
+    keys_url: HttpUrl = "https://appleid.apple.com/auth/keys"
 
 
 class AliyunSmsSettings(BaseModel):
     access_key_id: str = ""
     access_key_secret: str = ""
     sign_name: str = ""
-    template_code: str = ""
-    endpoint: str = "https://dysmsapi.aliyuncs.com/"
+    template_code: AliyunTemplateCode = ""
+    endpoint: HttpUrl = "https://dysmsapi.aliyuncs.com/"
     # v3: ACS3-HMAC-SHA256, what the current official SDK signs with; rpc: the legacy HMAC-SHA1.
     signature: Literal["v3", "rpc"] = "v3"
 
@@ -129,11 +206,11 @@ class AliyunSmsSettings(BaseModel):
 class TencentSmsSettings(BaseModel):
     secret_id: str = ""
     secret_key: str = ""
-    sdk_app_id: str = ""
+    sdk_app_id: TencentSdkAppId = ""
     sign_name: str = ""
-    template_id: str = ""
-    endpoint: str = "https://sms.tencentcloudapi.com/"
-    region: str = "ap-guangzhou"
+    template_id: TencentTemplateId = ""
+    endpoint: HttpUrl = "https://sms.tencentcloudapi.com/"
+    region: TencentRegion = "ap-guangzhou"
 
 
 class SmsSettings(BaseModel):
@@ -209,7 +286,7 @@ class Settings(BaseSettings):
 
     database_url: str = ""
     var_dir: Path = Path("var")
-    public_url: str = "http://127.0.0.1:8000"
+    public_url: Annotated[str, AfterValidator(_url_check(required=True))] = "http://127.0.0.1:8000"
     admin_token: str = ""
     secret_key: str = Field(
         "",
@@ -231,6 +308,10 @@ class Settings(BaseSettings):
         "is believed only from them, read from the right (see mallgate.forwarded)",
     )
     db_timeout_seconds: float = Field(2.0, gt=0)
+    time_zone: str = Field(
+        "Asia/Shanghai",
+        description="the zone of every time the API shows (YYYY-MM-DD HH:MM:SS, no marker); stored: UTC",
+    )
     recharge_max: Decimal = Field(Decimal("50000.00"), gt=0)
     # The disk (mallgate.disk, mallgate.metrics).
     metrics_dir: Path | None = Field(
@@ -279,6 +360,56 @@ class Settings(BaseSettings):
             raise ValueError(f"must be at least {MIN_SECRET_KEY} characters (empty: generated into var/)")
         return value
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        problem = url_problem(value) if value else None
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url_is_a_base(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.query or parts.fragment:
+            raise ValueError("must be a base URL without ?query or #fragment, e.g. https://pay.example.com")
+        return value
+
+    @field_validator("time_zone")
+    @classmethod
+    def _time_zone(cls, value: str) -> str:
+        zone_named(value)  # raises ValueError naming the problem
+        return value
+
+    def wechat_pay_app_id(self, trade_type: str) -> str:
+        """The app id a WeChat Pay order of `trade_type` is made under ("" when not configured).
+
+        The payer's openid belongs to one app, so the order must name that app: the Official
+        Account for JSAPI, the Mini Program for MINI, the Open Platform app for APP. NATIVE and
+        H5 have no payer identity: the merchant's own app id, else the Official Account's (a web
+        payment, like the Official Account's pages).
+        """
+        by_type = {
+            "JSAPI": self.wechat_mp.app_id,
+            "MINI": self.wechat_mini.app_id,
+            "APP": self.wechat_app.app_id,
+        }
+        if trade_type in by_type:
+            return by_type[trade_type]
+        return self.wechat_pay.app_id or self.wechat_mp.app_id
+
+    @property
+    def wechat_pay_app_ids(self) -> frozenset[str]:
+        """Every app id our WeChat Pay orders can carry: notices naming any of them are ours."""
+        ids = {self.wechat_pay.app_id, self.wechat_mp.app_id, self.wechat_mini.app_id, self.wechat_app.app_id}
+        return frozenset(i for i in ids if i)
+
+    @property
+    def zone(self) -> tzinfo:
+        """The zone every time the API shows is in (mallgate.clock.show_time)."""
+        return zone_named(self.time_zone)
+
     @field_validator("base_path")
     @classmethod
     def _base_path(cls, value: str) -> str:
@@ -290,3 +421,39 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite+aiosqlite:///{(self.var_dir / 'mallgate.db').as_posix()}"
+
+
+# Environment variables with the prefix that are not settings: the test harness's own.
+NOT_SETTINGS = ("MALLGATE_TEST_",)
+
+
+def setting_names(model: type[BaseModel] = Settings, prefix: str = "MALLGATE_") -> list[str]:
+    """Every environment variable name that sets something, nested groups included."""
+    names: list[str] = []
+    for name, field in model.model_fields.items():
+        env = prefix + name.upper()
+        names.append(env)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            names.extend(setting_names(field.annotation, env + "__"))
+    return names
+
+
+def unknown_settings(names: Iterable[str]) -> list[tuple[str, str | None]]:
+    """The `MALLGATE_*` names among `names` that set nothing, each with the closest real name.
+
+    Settings are read case-insensitively, so the names are compared in upper case.
+    """
+    prefix = "MALLGATE_"
+    # Compared without the prefix they all share, which would make any two names look alike.
+    known = [name.removeprefix(prefix) for name in setting_names()]
+    known_set = set(known)
+    found: list[tuple[str, str | None]] = []
+    for name in names:
+        upper = name.upper()
+        if not upper.startswith(prefix) or upper.startswith(NOT_SETTINGS):
+            continue
+        rest = upper.removeprefix(prefix)
+        if rest not in known_set:
+            closest = difflib.get_close_matches(rest, known, n=1, cutoff=0.6)
+            found.append((name, prefix + closest[0] if closest else None))
+    return found

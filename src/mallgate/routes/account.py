@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from mallgate.deps import UserDep
+from mallgate.deps import RuntimeDep, UserDep
 from mallgate.envelope import ok
 from mallgate.services import accounts
 
@@ -13,5 +13,5 @@ router = APIRouter()
 
 
 @router.api_route("/user/info", methods=["GET", "POST"])
-async def user_info(user: UserDep) -> JSONResponse:
-    return ok(accounts.profile(user))
+async def user_info(runtime: RuntimeDep, user: UserDep) -> JSONResponse:
+    return ok(accounts.profile(user, zone=runtime.settings.zone))

@@ -48,7 +48,7 @@ async def create_order(runtime: RuntimeDep, params: ParamsDep) -> JSONResponse:
             subject=params.text("subject", required=False, max_length=128),
             recharge_max=runtime.settings.recharge_max,
         )
-        return ok(orders.order_view(order))
+        return ok(orders.order_view(order, zone=runtime.settings.zone))
 
 
 @router.get("/orders/{order_no}")
@@ -57,7 +57,7 @@ async def get_order(runtime: RuntimeDep, order_no: OrderNo) -> JSONResponse:
         order = await orders.find_order(session, order_no)
         if order is None:
             raise ApiError("订单不存在", "order.not_found")
-        return ok(orders.order_view(order))
+        return ok(orders.order_view(order, zone=runtime.settings.zone))
 
 
 @router.post("/users")
@@ -77,7 +77,7 @@ async def create_user(runtime: RuntimeDep, params: ParamsDep) -> JSONResponse:
             nickname=nickname,
             password_hash=password_hash,
         )
-        return ok(accounts.profile(user))
+        return ok(accounts.profile(user, zone=runtime.settings.zone))
 
 
 @router.get("/users/{user_id}")
@@ -89,11 +89,11 @@ async def get_user(runtime: RuntimeDep, user_id: Annotated[str, Path()]) -> JSON
         user = await session.get(User, number)
         if user is None:
             raise ApiError("用户不存在", "user.not_found")
-        return ok(await accounts.admin_view(session, user))
+        return ok(await accounts.admin_view(session, user, zone=runtime.settings.zone))
 
 
 @router.get("/notifications")
 async def list_notifications(runtime: RuntimeDep, params: ParamsDep) -> JSONResponse:
     order_no = params.text("order_no", max_length=64)
     async with runtime.db.read() as session:
-        return ok(await orders.notifications_for(session, order_no))
+        return ok(await orders.notifications_for(session, order_no, zone=runtime.settings.zone))

@@ -8,7 +8,7 @@ import threading
 import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, tzinfo
 from decimal import Decimal
 from typing import Any, Final, TypeVar
 
@@ -17,6 +17,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from mallgate.clock import show_time
 from mallgate.db.models import Identity, User
 from mallgate.envelope import ApiError
 from mallgate.runtime import Runtime
@@ -131,12 +132,12 @@ def hasher(runtime: Runtime) -> Hasher:
     return found
 
 
-def _fmt_time(value: datetime | None) -> str:
-    return value.strftime("%Y-%m-%d %H:%M:%S") if value else ""
+def _fmt_time(value: datetime | None, zone: tzinfo) -> str:
+    return show_time(value, zone) if value else ""
 
 
-def profile(user: User, token: str = "") -> dict[str, str]:
-    """The user profile of CONTRACT §1: every value a string."""
+def profile(user: User, token: str = "", *, zone: tzinfo) -> dict[str, str]:
+    """The user profile of CONTRACT §1: every value a string, times in `zone` (the settings')."""
     balance = user.balance if user.balance is not None else Decimal("0")
     return {
         "id": str(user.id),
@@ -151,7 +152,7 @@ def profile(user: User, token: str = "") -> dict[str, str]:
         "point": str(user.point or 0),
         "amount": f"{balance.quantize(Decimal('0.01'))}",
         "last_ip": user.last_ip or "",
-        "last_login": _fmt_time(user.last_login),
+        "last_login": _fmt_time(user.last_login, zone),
     }
 
 
@@ -197,7 +198,7 @@ async def login(runtime: Runtime, session: AsyncSession, user: User, ip: str) ->
     user.last_ip = ip[:64]
     token = await tokens.issue(session, user.id, now, timedelta(days=runtime.settings.token_ttl_days))
     await session.flush()
-    return profile(user, token)
+    return profile(user, token, zone=runtime.settings.zone)
 
 
 async def identities_of(session: AsyncSession, user_id: int) -> list[dict[str, Any]]:
@@ -207,8 +208,8 @@ async def identities_of(session: AsyncSession, user_id: int) -> list[dict[str, A
     ]
 
 
-async def admin_view(session: AsyncSession, user: User) -> dict[str, Any]:
-    view: dict[str, Any] = dict(profile(user))
+async def admin_view(session: AsyncSession, user: User, *, zone: tzinfo) -> dict[str, Any]:
+    view: dict[str, Any] = dict(profile(user, zone=zone))
     view["spread_id"] = str(user.spread_id) if user.spread_id else ""
     view["identities"] = await identities_of(session, user.id)
     return view

@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, tzinfo
 from decimal import Decimal
 from typing import Any
 
@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from mallgate.clock import show_time
 from mallgate.db.models import (
     DuplicatePayment,
     Money,
@@ -39,7 +40,8 @@ def _money(value: Decimal) -> str:
     return f"{value.quantize(Decimal('0.01'))}"
 
 
-def order_view(order: Order) -> dict[str, Any]:
+def order_view(order: Order, *, zone: tzinfo) -> dict[str, Any]:
+    """An order as the admin API shows it; `paid_at` in `zone` (the settings')."""
     return {
         "order_no": order.order_no,
         "kind": order.kind,
@@ -49,7 +51,7 @@ def order_view(order: Order) -> dict[str, Any]:
         "refunded_amount": _money(order.refunded_amount),
         "channel": order.channel,
         "trade_no": order.trade_no,
-        "paid_at": order.paid_at.strftime("%Y-%m-%d %H:%M:%S") if order.paid_at else None,
+        "paid_at": show_time(order.paid_at, zone) if order.paid_at else None,
         "user_id": str(order.user_id) if order.user_id else None,
         "subject": order.subject,
     }
@@ -99,14 +101,15 @@ async def find_order(session: AsyncSession, order_no: str) -> Order | None:
     return (await session.scalars(select(Order).where(Order.order_no == order_no))).first()
 
 
-def notification_view(row: PaymentNotification) -> dict[str, Any]:
+def notification_view(row: PaymentNotification, *, zone: tzinfo) -> dict[str, Any]:
+    """A stored notice as the admin API and the CLI show it; `received_at` in `zone`."""
     return {
         "id": row.id,
         "channel": row.channel,
         "kind": row.kind,
         "order_no": row.order_no,
         "trade_no": row.trade_no,
-        "received_at": row.received_at.strftime("%Y-%m-%d %H:%M:%S"),
+        "received_at": show_time(row.received_at, zone),
         "source_ip": row.source_ip,
         "verified": row.verified,
         "outcome": row.outcome,
@@ -114,7 +117,7 @@ def notification_view(row: PaymentNotification) -> dict[str, Any]:
     }
 
 
-async def notifications_for(session: AsyncSession, order_no: str) -> list[dict[str, Any]]:
+async def notifications_for(session: AsyncSession, order_no: str, *, zone: tzinfo) -> list[dict[str, Any]]:
     rows = (
         await session.scalars(
             select(PaymentNotification)
@@ -122,7 +125,7 @@ async def notifications_for(session: AsyncSession, order_no: str) -> list[dict[s
             .order_by(PaymentNotification.received_at, PaymentNotification.id)
         )
     ).all()
-    return [notification_view(r) for r in rows]
+    return [notification_view(r, zone=zone) for r in rows]
 
 
 # ---------------------------------------------------------------------------

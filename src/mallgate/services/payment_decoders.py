@@ -324,7 +324,8 @@ async def stored_notifications(
         query = query.where(PaymentNotification.order_no == order_no)
     async with runtime.db.read() as session:
         rows = (await session.scalars(query)).all()
-        return [{**orders.notification_view(r), "method": r.method} for r in rows]
+        zone = runtime.settings.zone
+        return [{**orders.notification_view(r, zone=zone), "method": r.method} for r in rows]
 
 
 async def stored_notification(runtime: Runtime, notification_id: int) -> dict[str, Any] | None:
@@ -334,7 +335,7 @@ async def stored_notification(runtime: Runtime, notification_id: int) -> dict[st
         if row is None:
             return None
         return {
-            **orders.notification_view(row),
+            **orders.notification_view(row, zone=runtime.settings.zone),
             "method": row.method,
             "query_string": row.query_string,
             "headers": json.loads(row.headers or "{}"),
