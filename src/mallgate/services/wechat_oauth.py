@@ -211,8 +211,9 @@ async def _remembered(runtime: Runtime, key: str, now: datetime) -> _Remembered 
 
 
 async def _remember(session: AsyncSession, key: str, user_id: int, state: str, now: datetime) -> None:
-    await session.execute(delete(CacheEntry).where(CacheEntry.key == key))
-    session.add(
+    # merge: a plain read, then insert (or overwrite an expired row). A DELETE of a row that is
+    # not there would take an InnoDB gap lock, and concurrent logins would deadlock on them.
+    await session.merge(
         CacheEntry(
             key=key,
             value=json.dumps({"user_id": user_id, "state": state}),
