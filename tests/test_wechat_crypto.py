@@ -62,7 +62,10 @@ def test_safe_mode_reply_matches_the_published_example() -> None:
     assert encrypted == (
         "ELGduP2YcVatjqIS+eZbp80MNLoAUWvzzyJxgGzxZO/5sAvd070Bs6qrLARC9nVHm48Y4hyRbtzve1L32tmxSQ=="
     )
-    assert crypto.msg_signature("1713424427", "415670741", encrypted) == "1b9339964ed2e271e7c7b6ff2b0ef902fc94dea1"
+    assert (
+        crypto.msg_signature("1713424427", "415670741", encrypted)
+        == "1b9339964ed2e271e7c7b6ff2b0ef902fc94dea1"
+    )
     assert crypto.decrypt(encrypted) == b'{"demo_resp":"good luck"}'
 
 
@@ -74,7 +77,9 @@ def test_the_demo_push_verifies_and_decrypts() -> None:
     assert b"<Content><![CDATA[abcdteT]]></Content>" in message
     assert b"<MsgId>6054768590064713728</MsgId>" in message
     with pytest.raises(CryptoError, match="msg_signature"):
-        crypto.verify_and_decrypt("5d197aaffba7e9b25a30732f161a50dee96bd5fb", "1409735669", "1320562132", DEMO_ENCRYPT)
+        crypto.verify_and_decrypt(
+            "5d197aaffba7e9b25a30732f161a50dee96bd5fb", "1409735669", "1320562132", DEMO_ENCRYPT
+        )
     with pytest.raises(AppIdMismatch):
         WXBizMsgCrypt("spamtest", DEMO_KEY, "wx0000000000000000").decrypt(DEMO_ENCRYPT)
 
@@ -125,11 +130,16 @@ def test_wechatpy_decrypts_ours_and_we_decrypt_wechatpys() -> None:
     reply = ours.encrypt_reply(message.encode(), timestamp="1714112445", nonce="415670741").decode()
     assert theirs.decrypt_message(reply, _field(reply, "MsgSignature"), "1714112445", "415670741") == message
     sealed = theirs.encrypt_message(message, "415670741", "1714112445")
-    assert ours.verify_and_decrypt(
-        _field(sealed, "MsgSignature"), "1714112445", "415670741", _field(sealed, "Encrypt")
-    ) == message.encode()
+    assert (
+        ours.verify_and_decrypt(
+            _field(sealed, "MsgSignature"), "1714112445", "415670741", _field(sealed, "Encrypt")
+        )
+        == message.encode()
+    )
     # The two sign alike.
-    assert _field(sealed, "MsgSignature") == ours.msg_signature("1714112445", "415670741", _field(sealed, "Encrypt"))
+    assert _field(sealed, "MsgSignature") == ours.msg_signature(
+        "1714112445", "415670741", _field(sealed, "Encrypt")
+    )
 
 
 def _field(xml: str, name: str) -> str:

@@ -24,13 +24,16 @@ from mallgate.clock import Clock
 from mallgate.envelope import guarded, install_handlers
 from mallgate.middleware import BodyTooLarge, Gate, too_large_body
 from mallgate.routes import account, admin, health, login, oauth, payments, qrcode, sms
+from mallgate.routes import admin_wechat as admin_wechat_routes
+from mallgate.routes import wechat_mp as wechat_mp_routes
 from mallgate.runtime import Runtime
 from mallgate.sandbox.app import MOUNT, create_sandbox_app, service_settings
 from mallgate.settings import Settings
 
 log = logging.getLogger("mallgate")
 
-NOTIFY_SUFFIXES = ("/pay/notify", "/wechat/notify")
+# The platforms' callbacks: their bodies are small, so their limit is too.
+NOTIFY_SUFFIXES = ("/pay/notify", "/wechat/notify", "/wechat.index")
 DOCS_ASSETS = "/docs/assets"
 # The routes read their parameters themselves (query, form or JSON alike), so the document
 # cannot list them: it says where they are.
@@ -63,6 +66,7 @@ def api_router() -> APIRouter:
     router.include_router(sms.router)
     router.include_router(login.router)
     router.include_router(oauth.router)
+    router.include_router(wechat_mp_routes.router)
     return router
 
 
@@ -190,6 +194,7 @@ def create_app(
     app.include_router(api_router(), prefix=settings.base_path)
     app.include_router(health.router)
     app.include_router(admin.router)
+    app.include_router(admin_wechat_routes.router)
 
     if sandbox_app is not None:
         app.mount(MOUNT, sandbox_app)

@@ -171,6 +171,10 @@ class WechatAppCredentials(BaseModel):
 class WechatMpSettings(WechatAppCredentials):
     token: str = ""
     aes_key: AesKey = Field("", description="EncodingAESKey, 43 characters")
+    safe_mode_only: bool = Field(False, description="wechat.index refuses plaintext (unencrypted) pushes")
+    # WeChat waits 5 s for a push's answer; past this the push is answered `success` and its
+    # handling finishes in the background.
+    reply_deadline_seconds: float = Field(4.0, gt=0, le=4.5)
 
     require_state: bool = Field(
         False, description="oauth accepts only a state that oauth/url issued, each once (CSRF guard)"

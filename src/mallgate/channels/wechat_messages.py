@@ -363,9 +363,7 @@ _COMMON: Final = frozenset({"ToUserName", "FromUserName", "CreateTime", "MsgType
 # passive replies
 
 
-def reply_xml(
-    push: Push, reply_type: str, content: Mapping[str, Any], *, now: float | None = None
-) -> str:
+def reply_xml(push: Push, reply_type: str, content: Mapping[str, Any], *, now: float | None = None) -> str:
     """The passive reply to `push`: ids swapped, ``text`` / ``image`` / ``news`` of `content`.
 
     `content`: ``{"text"}``, ``{"media_id"}`` or ``{"articles": [{title, description, pic_url,

@@ -253,6 +253,51 @@ class OutboxEvent(Base):
     last_error: Mapped[str] = mapped_column(String(255), default="")
 
 
+class WechatReply(Base):
+    """An Official Account auto-reply: a keyword rule or the subscribe welcome (admin API)."""
+
+    __tablename__ = "wechat_replies"
+    __table_args__ = (Index("ix_wechat_replies_kind", "kind", "match_mode"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16))  # subscribe | keyword
+    match_mode: Mapped[str] = mapped_column(String(16), default="")  # exact | contains | "" (subscribe)
+    keyword: Mapped[str] = mapped_column(String(191), default="")
+    reply_type: Mapped[str] = mapped_column(String(16))  # text | image | news
+    content: Mapped[str] = mapped_column(LongText)  # JSON: {"text"} | {"media_id"} | {"articles"}
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class WechatPush(Base):
+    """A push handled once: its retries (other workers, other machines) meet this row's unique key."""
+
+    __tablename__ = "wechat_pushes"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    dedupe_key: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 of the push's key
+    msg_type: Mapped[str] = mapped_column(String(32))
+    from_user: Mapped[str] = mapped_column(String(64), default="")
+    received_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # The plaintext reply XML once known; "" is `success`. Retries get it again (re-encrypted).
+    reply: Mapped[str | None] = mapped_column(LongText)
+    outcome: Mapped[str] = mapped_column(String(16), default="handling")  # handling|replied|late|failed
+
+
+class WechatFollower(Base):
+    """An Official Account follower as its pushes told us: who brought them (a parametric QR's scene)."""
+
+    __tablename__ = "wechat_followers"
+    __table_args__ = (UniqueConstraint("app_id", "openid"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    app_id: Mapped[str] = mapped_column(String(64))
+    openid: Mapped[str] = mapped_column(String(64))
+    referrer: Mapped[str] = mapped_column(String(128), default="")  # the scene of qrscene_<scene>
+    subscribed_at: Mapped[datetime] = mapped_column(DateTime)
+    unsubscribed_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
 def table_of(model: type[Base]) -> Table:
     """The Core table of a model, for the hot paths that skip the ORM."""
     table = model.__table__

@@ -176,9 +176,16 @@ def _standins(state: SandboxState) -> list[StandIn]:
     from mallgate.sandbox.payments import payment_standins
     from mallgate.sandbox.sms_standin import sms_standin
     from mallgate.sandbox.wechat_oauth_standin import wechat_oauth_standin
+    from mallgate.sandbox.wechat_push_standin import wechat_push_standin
     from mallgate.sandbox.wechat_standin import wechat_standin
 
-    return [*payment_standins(state), sms_standin(state), wechat_standin(state), wechat_oauth_standin(state)]
+    return [
+        *payment_standins(state),
+        sms_standin(state),
+        wechat_standin(state),
+        wechat_oauth_standin(state),
+        wechat_push_standin(state),
+    ]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,219 @@
+"""Handling an Official Account push once, within WeChat's deadline: dedupe, referrer, reply.
+
+WeChat re-sends a push it got no answer to within 5 s, three times. Each push is claimed by
+inserting its dedupe key (MsgId, or FromUserName + CreateTime for events) into
+``wechat_pushes`` under a unique constraint, so exactly one worker on one machine handles it;
+a retry that loses the race answers the reply stored for the first delivery once there is one,
+else ``success``. The handling runs as a task: past ``reply_deadline_seconds`` the push is
+answered ``success`` and the task finishes in the background (the customer-service API would
+carry a late reply; this service sends none).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Final
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import IntegrityError
+
+from mallgate.channels.wechat_messages import (
+    Event,
+    Push,
+    ScanEvent,
+    SubscribeEvent,
+    TextMessage,
+    UnsubscribeEvent,
+    reply_xml,
+)
+from mallgate.db.models import WechatFollower, WechatPush
+from mallgate.runtime import Runtime
+from mallgate.services import replies
+from mallgate.services.replies import Reply
+
+log = logging.getLogger("mallgate.wechat_push")
+
+KEEP: Final = timedelta(days=2)  # far beyond WeChat's retries (about 15 s)
+PRUNE_EVERY: Final = 256
+_SERVICE: Final = "wechat_push"
+
+
+@dataclass
+class _State:
+    """Per process: the handling tasks still running, and when to prune old keys."""
+
+    tasks: set[asyncio.Task[str]] = field(default_factory=set)
+    claims: int = 0
+
+
+def _state(runtime: Runtime) -> _State:
+    state = runtime.services.get(_SERVICE)
+    if state is None:
+        state = runtime.services[_SERVICE] = _State()
+    assert isinstance(state, _State)
+    return state
+
+
+def _now(runtime: Runtime) -> datetime:
+    return runtime.clock.utcnow().replace(tzinfo=None)
+
+
+def push_type(push: Push) -> str:
+    return f"event:{push.event}" if isinstance(push, Event) else push.msg_type
+
+
+def key_hash(push: Push) -> str:
+    return hashlib.sha256(push.dedupe_key().encode("utf-8")).hexdigest()
+
+
+async def claim(runtime: Runtime, key: str, push: Push) -> bool:
+    """True for the first delivery of `key` on any worker or machine; False for a retry."""
+    try:
+        async with runtime.db.transaction() as session:
+            session.add(
+                WechatPush(
+                    dedupe_key=key,
+                    # The registry's name of its class: "generic:<type>" when the registry had none.
+                    msg_type=(push.type_key or "generic:" + push_type(push))[:32],
+                    from_user=push.from_user[:64],
+                    received_at=_now(runtime),
+                    outcome="handling",
+                )
+            )
+    except IntegrityError:
+        return False
+    state = _state(runtime)
+    state.claims += 1
+    if state.claims % PRUNE_EVERY == 0:
+        async with runtime.db.transaction() as session:
+            await session.execute(delete(WechatPush).where(WechatPush.received_at < _now(runtime) - KEEP))
+    return True
+
+
+async def earlier_reply(runtime: Runtime, key: str) -> str:
+    """The reply the first delivery of `key` got; "" (success) while it is still being handled."""
+    async with runtime.db.read() as session:
+        reply = await session.scalar(select(WechatPush.reply).where(WechatPush.dedupe_key == key))
+    return reply or ""
+
+
+async def _finish(runtime: Runtime, key: str, reply: str, outcome: str) -> None:
+    async with runtime.db.transaction() as session:
+        await session.execute(
+            update(WechatPush)
+            .where(WechatPush.dedupe_key == key)
+            .values(reply=reply, outcome=outcome, finished_at=_now(runtime))
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# what a push does
+
+
+async def record_follower(runtime: Runtime, push: Push, scene: str) -> bool:
+    """Notes a follower; a new one keeps `scene` as its referrer. True when the follower is new.
+
+    A follower seen before keeps the referrer it came with: a later QR never rewrites it.
+    """
+    app_id = runtime.settings.wechat_mp.app_id or push.to_user
+    now = _now(runtime)
+    try:
+        async with runtime.db.transaction() as session:
+            session.add(
+                WechatFollower(
+                    app_id=app_id, openid=push.from_user[:64], referrer=scene[:128], subscribed_at=now
+                )
+            )
+        return True
+    except IntegrityError:
+        pass
+    if isinstance(push, SubscribeEvent):
+        async with runtime.db.transaction() as session:
+            await session.execute(
+                update(WechatFollower)
+                .where(WechatFollower.app_id == app_id, WechatFollower.openid == push.from_user[:64])
+                .values(unsubscribed_at=None)
+            )
+    return False
+
+
+async def record_unfollow(runtime: Runtime, push: Push) -> None:
+    app_id = runtime.settings.wechat_mp.app_id or push.to_user
+    async with runtime.db.transaction() as session:
+        await session.execute(
+            update(WechatFollower)
+            .where(WechatFollower.app_id == app_id, WechatFollower.openid == push.from_user[:64])
+            .values(unsubscribed_at=_now(runtime))
+        )
+
+
+async def find_reply(runtime: Runtime, push: Push) -> Reply | None:
+    """The auto-reply for `push`: a keyword rule for a text, the welcome for a follow."""
+    async with runtime.db.read() as session:
+        if isinstance(push, TextMessage):
+            return await replies.keyword_reply(session, push.content)
+        if isinstance(push, SubscribeEvent):
+            return await replies.subscribe_reply(session)
+    return None
+
+
+async def handle(runtime: Runtime, push: Push) -> str:
+    """What `push` does, and the plaintext reply XML to it ("" for `success`)."""
+    if isinstance(push, SubscribeEvent | ScanEvent):
+        # A SCAN comes from someone already following: a referrer only when we never saw them.
+        await record_follower(runtime, push, push.scene)
+    elif isinstance(push, UnsubscribeEvent):
+        await record_unfollow(runtime, push)
+    reply = await find_reply(runtime, push)
+    if reply is None:
+        return ""
+    return reply_xml(push, reply.reply_type, reply.content, now=runtime.clock.now())
+
+
+@dataclass
+class _Late:
+    answered: bool = False
+
+
+async def _handle_and_store(runtime: Runtime, key: str, push: Push, late: _Late) -> str:
+    name = push_type(push)
+    try:
+        reply = await handle(runtime, push)
+    except Exception:
+        log.exception("wechat push %s from %s: handling failed, answered success", name, push.from_user)
+        await _finish(runtime, key, "", "failed")
+        return ""
+    # A reply made after the deadline was never delivered: WeChat got `success`, and so do retries.
+    if late.answered:
+        log.info("wechat push %s: handled after the deadline (answered success)", name)
+        reply = ""
+    await _finish(runtime, key, reply, "late" if late.answered else "replied")
+    return reply
+
+
+async def receive(runtime: Runtime, push: Push) -> str:
+    """The plaintext reply to `push` ("" = `success`), within the deadline, handled once."""
+    key = key_hash(push)
+    if not await claim(runtime, key, push):
+        return await earlier_reply(runtime, key)
+    late = _Late()
+    task = asyncio.create_task(_handle_and_store(runtime, key, push, late))
+    tasks = _state(runtime).tasks
+    tasks.add(task)  # a task nobody references may be collected before it is done
+    task.add_done_callback(tasks.discard)
+    try:
+        return await asyncio.wait_for(asyncio.shield(task), runtime.settings.wechat_mp.reply_deadline_seconds)
+    except TimeoutError:
+        late.answered = True
+        return ""
+
+
+async def drain(runtime: Runtime) -> None:
+    """Waits for the handling still running in the background (shutdown, tests)."""
+    tasks = list(_state(runtime).tasks)
+    if tasks:
+        await asyncio.gather(*tasks, return_exceptions=True)
