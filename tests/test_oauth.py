@@ -16,7 +16,7 @@ import pytest
 
 from conftest import Server, other_server
 from mallgate.channels.wechat_api import WechatApiError
-from mallgate.channels.wechat_oauth import WechatOAuth
+from mallgate.channels.wechat_oauth import WechatOAuth, authorize_url
 from mallgate.db.models import Identity, User
 from mallgate.db.session import Database
 from mallgate.sandbox.app import WECHAT_MINI_APP_ID, WECHAT_MP_APP_ID
@@ -553,3 +553,35 @@ async def test_concurrent_posts_of_one_code_log_in_one_user(client: httpx.AsyncC
     assert len(ids) == 1
     # A post that reached WeChat after the first exchange but before it was remembered is refused.
     assert all(a["status"] == 1 or a["code"] == "oauth.code_used" for a in answers)
+
+
+# ------------------------------------------------------------------ against wechatpy (test-only)
+
+
+def test_the_authorize_url_is_the_one_wechatpy_builds() -> None:
+    from wechatpy.oauth import WeChatOAuth
+
+    for scope in ("snsapi_base", "snsapi_userinfo"):
+        theirs = WeChatOAuth(WECHAT_MP_APP_ID, "secret", SHOP_PAGE, scope=scope, state="Abc123").authorize_url
+        assert (
+            authorize_url("https://open.weixin.qq.com", WECHAT_MP_APP_ID, SHOP_PAGE, scope, "Abc123")
+            == theirs
+        )
+
+
+async def test_wechatpy_reads_the_stand_ins_answers(client: httpx.AsyncClient, server: Server) -> None:
+    from wechatpy.exceptions import WeChatOAuthException
+    from wechatpy.oauth import WeChatOAuth
+
+    app = server.app.state.runtime.settings.wechat_mp
+    code = await new_code(client, nickname="wechatpy", sex="1")
+    sdk = WeChatOAuth(app.app_id, app.app_secret, SHOP_PAGE, scope="snsapi_userinfo")
+    sdk.API_BASE_URL = f"{server.url}{SANDBOX}/"
+    grant = await asyncio.to_thread(sdk.fetch_access_token, code)
+    assert grant["scope"] == "snsapi_userinfo" and grant["expires_in"] == 7200 and grant["unionid"]
+    info = await asyncio.to_thread(sdk.get_user_info)
+    assert info["openid"] == grant["openid"] and info["nickname"] == "wechatpy" and info["sex"] == 1
+    assert await asyncio.to_thread(sdk.check_access_token) is True
+    with pytest.raises(WeChatOAuthException) as used:
+        await asyncio.to_thread(sdk.fetch_access_token, code)
+    assert used.value.errcode == 40163
