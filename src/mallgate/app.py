@@ -28,6 +28,7 @@ from mallgate.routes import admin_wechat as admin_wechat_routes
 from mallgate.routes import wechat_mp as wechat_mp_routes
 from mallgate.runtime import Runtime
 from mallgate.sandbox.app import MOUNT, create_sandbox_app, service_settings
+from mallgate.services import wechat_push
 from mallgate.settings import Settings
 
 log = logging.getLogger("mallgate")
@@ -171,6 +172,8 @@ def create_app(
         # Starlette runs no lifespan for a mounted app: the sandbox's clients are closed here.
         if sandbox_app is not None:
             await sandbox_app.state.sandbox.aclose()
+        # Pushes answered `success` at the deadline may still be finishing: give them that long again.
+        await wechat_push.drain(runtime, within=settings.wechat_mp.reply_deadline_seconds)
         await runtime.close()
 
     # Swagger UI's scripts and styles from the fastapi-offline package: /docs works with no network.

@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from mallgate.clock import zone_named
 from mallgate.db.problems import url_problem
@@ -163,6 +163,31 @@ class WechatPaySettings(BaseModel):
         return bool(self.mch_id and (self.api_key or self.api_v3_key))
 
 
+# What wx.config asks for when MALLGATE_WECHAT_MP__JS_API_LIST is unset: sharing (the current
+# and the older interfaces, which some WeChat versions still need), paying, scanning, images, location.
+DEFAULT_JS_API_LIST = (
+    "updateAppMessageShareData",
+    "updateTimelineShareData",
+    "onMenuShareAppMessage",
+    "onMenuShareTimeline",
+    "chooseWXPay",
+    "scanQRCode",
+    "chooseImage",
+    "previewImage",
+    "getLocation",
+    "openLocation",
+)
+
+
+def _comma_list(value: object) -> list[str]:
+    """A list setting given as a list, or as a comma-separated string (as environment variables are)."""
+    if isinstance(value, str):
+        return [part for part in value.split(",") if part.strip()]
+    if isinstance(value, list | tuple):
+        return [str(part) for part in value if str(part).strip()]
+    raise ValueError("must be a comma-separated list")
+
+
 class WechatAppCredentials(BaseModel):
     app_id: WechatAppId = ""
     app_secret: str = ""
@@ -180,11 +205,52 @@ class WechatMpSettings(WechatAppCredentials):
         False, description="oauth accepts only a state that oauth/url issued, each once (CSRF guard)"
     )
 
+    # share/config signs only pages on these hosts (the OA's "JS接口安全域名"); empty: any host.
+    js_domains: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated host names share/config may sign pages of"
+    )
+    js_api_list: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_JS_API_LIST),
+        description="comma-separated JS-SDK interfaces share/config lists in jsApiList",
+    )
+
+    @field_validator("js_domains", mode="before")
+    @classmethod
+    def _js_domains(cls, value: object) -> list[str]:
+        hosts = [h.strip().lower().rstrip(".") for h in _comma_list(value)]
+        for host in hosts:
+            if not re.fullmatch(r"[a-z0-9-]+(\.[a-z0-9-]+)*", host):
+                raise ValueError(f"{host!r}: a JS safe domain is a host name only (no scheme, port or path)")
+        return hosts
+
+    @field_validator("js_api_list", mode="before")
+    @classmethod
+    def _js_api_list(cls, value: object) -> list[str]:
+        names = [n.strip() for n in _comma_list(value)]
+        for name in names:
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", name):
+                raise ValueError(f"{name!r} is not a JS-SDK interface name (e.g. updateAppMessageShareData)")
+        return names
+
 
 class WechatSettings(BaseModel):
     api_base: HttpUrl = "https://api.weixin.qq.com"
     # The OAuth consent page's host (the sandbox plays it at /_sandbox/wechat).
     oauth_base: str = "https://open.weixin.qq.com"
+
+    # The shared access_token / jsapi_ticket (mallgate.services.wechat_tokens).
+    token_refresh_margin_seconds: int = Field(
+        300, ge=0, le=1800, description="refresh a token or ticket this long before it expires"
+    )
+    token_lease_seconds: float = Field(
+        15.0, gt=0, le=120, description="how long one worker may hold the refresh before another takes over"
+    )
+    token_wait_seconds: float = Field(
+        5.0, gt=0, le=60, description="how long a worker waits for another's refresh before answering busy"
+    )
+    token_local_seconds: float = Field(
+        60.0, ge=0, le=600, description="how long a worker keeps a token in memory before reading the store"
+    )
 
 
 class QQSettings(BaseModel):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Final
@@ -179,7 +180,9 @@ class _Late:
     answered: bool = False
 
 
-async def _handle_and_store(runtime: Runtime, key: str, push: Push, late: _Late) -> str:
+async def _receive_once(runtime: Runtime, key: str, push: Push, late: _Late) -> str:
+    if not await claim(runtime, key, push):
+        return await earlier_reply(runtime, key)
     name = push_type(push)
     try:
         reply = await handle(runtime, push)
@@ -195,16 +198,27 @@ async def _handle_and_store(runtime: Runtime, key: str, push: Push, late: _Late)
     return reply
 
 
+def _settled(tasks: set[asyncio.Task[str]]) -> Callable[[asyncio.Task[str]], None]:
+    def settled(task: asyncio.Task[str]) -> None:
+        tasks.discard(task)
+        # Failing after the deadline (the database gone), nobody awaits it: said here, not lost.
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("wechat push: not handled (%s: %s)", type(exc).__name__, exc)
+
+    return settled
+
+
 async def receive(runtime: Runtime, push: Push) -> str:
-    """The plaintext reply to `push` ("" = `success`), within the deadline, handled once."""
+    """The plaintext reply to `push` ("" = `success`), within the deadline, handled once.
+
+    The deadline covers the claim too: a database slow to take it must not hold the answer.
+    """
     key = key_hash(push)
-    if not await claim(runtime, key, push):
-        return await earlier_reply(runtime, key)
     late = _Late()
-    task = asyncio.create_task(_handle_and_store(runtime, key, push, late))
+    task = asyncio.create_task(_receive_once(runtime, key, push, late))
     tasks = _state(runtime).tasks
     tasks.add(task)  # a task nobody references may be collected before it is done
-    task.add_done_callback(tasks.discard)
+    task.add_done_callback(_settled(tasks))
     try:
         return await asyncio.wait_for(asyncio.shield(task), runtime.settings.wechat_mp.reply_deadline_seconds)
     except TimeoutError:
@@ -212,8 +226,8 @@ async def receive(runtime: Runtime, push: Push) -> str:
         return ""
 
 
-async def drain(runtime: Runtime) -> None:
-    """Waits for the handling still running in the background (shutdown, tests)."""
+async def drain(runtime: Runtime, *, within: float) -> None:
+    """Waits up to `within` seconds for the handling still running in the background (shutdown)."""
     tasks = list(_state(runtime).tasks)
     if tasks:
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.wait(tasks, timeout=within)
