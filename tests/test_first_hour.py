@@ -219,6 +219,32 @@ def test_the_cli_says_so_for_the_issue_s_examples(tmp_path: Path) -> None:
     assert not (tmp_path / "var" / "mallgate.db").exists()  # refused before anything was done
 
 
+def test_a_group_that_is_not_json_names_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(typer.Exit):
+        _load(monkeypatch, tmp_path, {"MALLGATE_SMS": "{provider: aliyun"})
+    (line,) = _lines(capsys.readouterr().err)
+    assert line.startswith("mallgate: setting MALLGATE_SMS is invalid: "), line
+
+
+def test_the_default_zone_without_a_time_zone_database(monkeypatch: pytest.MonkeyPatch) -> None:
+    from zoneinfo import ZoneInfoNotFoundError
+
+    from mallgate import clock
+
+    def missing(name: str) -> None:
+        raise ZoneInfoNotFoundError(name)
+
+    monkeypatch.setattr(clock, "ZoneInfo", missing)
+    monkeypatch.setattr(clock, "available_timezones", set)
+    zone = clock.zone_named("Asia/Shanghai")  # China: +08:00, no summer time since 1991
+    assert clock.show_time(datetime(2021, 5, 21, 7, 0, 0), zone) == "2021-05-21 15:00:00"
+    assert clock.show_time(datetime(2021, 5, 21, 7, 0, 0), clock.zone_named("UTC")) == "2021-05-21 07:00:00"
+    with pytest.raises(ValueError, match="pip install tzdata"):
+        clock.zone_named("Europe/Berlin")
+
+
 REAL_LOOKING = {
     "MALLGATE_PUBLIC_URL": "https://pay.example.com",
     "MALLGATE_ALIPAY__APP_ID": "2021000123456789",
@@ -365,6 +391,29 @@ def test_listening_is_said_once_the_socket_listens(tmp_path: Path, workers: int)
         proc.terminate()
         rest = proc.communicate(timeout=20)[0]
     assert rest.count("listening on") == 0  # said once, by serve, not by each worker
+
+
+def test_the_sandbox_command_binds_the_same_way(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        result = _run(tmp_path, "sandbox", "--port", str(busy))
+    assert result.returncode == 2 and f"port {busy} is in use" in result.stderr, result.stderr
+    port = free_port()
+    proc = subprocess.Popen(
+        [*MALLGATE, "sandbox", "--port", str(port)],
+        env=_env(tmp_path),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        assert _wait_healthy(f"http://127.0.0.1:{port}/_sandbox/", proc).status_code == 200
+        assert httpx.head(f"http://127.0.0.1:{port}/_sandbox/", timeout=5).status_code == 200
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=15)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -84,6 +84,8 @@ def database_errors(settings: Settings) -> Iterator[None]:
     url = settings.resolved_database_url
     try:
         yield
+    except typer.Exit:
+        raise
     except Exception as exc:
         problem = connection_problem(exc, url, timeout=settings.db_timeout_seconds)
         if problem is None:
@@ -271,7 +273,9 @@ def sandbox_cmd(
     """Run only the local stand-ins of the third parties, at /_sandbox/."""
     _configure_logging()
     from fastapi import FastAPI
+    from starlette.types import Receive, Scope, Send
 
+    from mallgate.app import head_as_get
     from mallgate.sandbox.app import MOUNT, create_sandbox_app
 
     settings = load_settings()
@@ -289,7 +293,13 @@ def sandbox_cmd(
     outer = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     outer.mount(MOUNT, sandbox)
     sock = bind_socket(host, port)
-    config = uvicorn.Config(outer, host=host, port=port, log_level="warning")
+
+    async def with_head(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            scope, send = head_as_get(scope, send)
+        await outer(scope, receive, send)
+
+    config = uvicorn.Config(with_head, host=host, port=port, log_level="warning")
     sock.listen(config.backlog)
     log.info("mallgate sandbox on http://%s:%d%s/ (service %s)", host, port, MOUNT, service_url)
     run_uvicorn(config, sock)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import socket
 import sqlite3
 from collections.abc import Iterator
+from pathlib import Path
 
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
@@ -131,13 +132,21 @@ def connection_problem(exc: BaseException, url: str, *, timeout: float) -> str |
 
 def _sqlite_problem(chain: list[BaseException], path: str) -> str | None:
     for error in chain:
-        if isinstance(error, OSError):
+        if isinstance(error, OSError) and _about(error, path):
             return (
                 f"cannot create the SQLite file {path}: {error.strerror or error}: fix the path or its folder"
             )
         if isinstance(error, sqlite3.Error | DBAPIError):
             return f"cannot use the SQLite file {path}: {_first_line(error)}"
     return None
+
+
+def _about(error: OSError, path: str) -> bool:
+    """Whether `error` is about the database file or one of its folders (not, say, var/secret_key)."""
+    if error.filename is None:
+        return False
+    database, named = Path(path).absolute(), Path(str(error.filename)).absolute()
+    return named == database or named in database.parents
 
 
 def without(text: str, url: str) -> str:
