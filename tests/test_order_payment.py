@@ -10,7 +10,7 @@ from urllib.parse import parse_qsl, urlsplit
 import httpx
 from test_notify_alipay import effective, keys_of
 
-from conftest import Server
+from conftest import Server, other_server
 from mallgate.channels import alipay, wechat_pay
 from mallgate.db.models import Identity
 from mallgate.keys import load_private_key, public_pem
@@ -87,50 +87,65 @@ async def test_alipay_app_and_h5(client: httpx.AsyncClient, server: Server) -> N
     assert (jsapi["status"], jsapi["code"]) == (0, "pay.trade_type_unsupported")
 
 
-async def test_wechat_jsapi_needs_the_openid_of_the_paying_app(
-    client: httpx.AsyncClient, server: Server
-) -> None:
-    pay = effective(server).wechat_pay
+async def test_wechat_jsapi_needs_the_openid_of_the_paying_app(server: Server) -> None:
+    """v2 (a merchant with the v2 key only): each trade type under its own app's id and openid."""
+    settings = effective(server)
+    pay = settings.wechat_pay
     user_id, token = await login(server)
-    order = await admin_create_order(client, amount="9.90", user_id=int(user_id))
-    no = order["order_no"]
-    _, missing = await start(client, server, token, order_no=no, channel="wechat", trade_type="MINI")
-    assert (missing["status"], missing["code"]) == (0, "pay.openid_missing") and missing["info"]
-    await add_wechat_identity(server, user_id, "wx_some_other_app")
-    _, still = await start(client, server, token, order_no=no, channel="wechat", trade_type="JSAPI")
-    assert still["code"] == "pay.openid_missing"
+    async with other_server(server, wechat_pay={"api_version": "v2"}) as client:
+        order = await admin_create_order(client, amount="9.90", user_id=int(user_id))
+        no = order["order_no"]
+        _, missing = await start(client, server, token, order_no=no, channel="wechat", trade_type="MINI")
+        assert (missing["status"], missing["code"]) == (0, "pay.openid_missing") and missing["info"]
+        await add_wechat_identity(server, user_id, "wx_some_other_app")
+        _, still = await start(client, server, token, order_no=no, channel="wechat", trade_type="JSAPI")
+        assert still["code"] == "pay.openid_missing"
 
-    await add_wechat_identity(server, user_id, pay.app_id)
-    for trade_type in ("MINI", "JSAPI"):
-        _, answer = await start(client, server, token, order_no=no, channel="wechat", trade_type=trade_type)
-        assert answer["status"] == 1, answer
-        data = answer["data"]
-        assert set(data) == {"appId", "timeStamp", "nonceStr", "package", "signType", "paySign"}
-        assert data["appId"] == pay.app_id and data["package"].startswith("prepay_id=wx")
-        signed = {k: v for k, v in data.items() if k != "paySign"}
-        wechat_pay.verify_v2_sign({**signed, "sign": data["paySign"]}, pay.api_key, "MD5")
+        # The Mini Program's openid pays in the Mini Program, not on the Official Account's pages.
+        await add_wechat_identity(server, user_id, settings.wechat_mini.app_id)
+        _, mini = await start(client, server, token, order_no=no, channel="wechat", trade_type="MINI")
+        assert mini["status"] == 1, mini
+        _, jsapi = await start(client, server, token, order_no=no, channel="wechat", trade_type="JSAPI")
+        assert jsapi["code"] == "pay.openid_missing"
+        await add_wechat_identity(server, user_id, settings.wechat_mp.app_id)
+        _, jsapi = await start(client, server, token, order_no=no, channel="wechat", trade_type="JSAPI")
+        for answer, app_id in ((mini, settings.wechat_mini.app_id), (jsapi, settings.wechat_mp.app_id)):
+            assert answer["status"] == 1, answer
+            data = answer["data"]
+            assert set(data) == {"appId", "timeStamp", "nonceStr", "package", "signType", "paySign"}
+            assert data["appId"] == app_id and data["package"].startswith("prepay_id=wx")
+            signed = {k: v for k, v in data.items() if k != "paySign"}
+            wechat_pay.verify_v2_sign({**signed, "sign": data["paySign"]}, pay.api_key, "MD5")
 
 
-async def test_wechat_app_and_h5(client: httpx.AsyncClient, server: Server) -> None:
-    pay = effective(server).wechat_pay
+async def test_wechat_app_and_h5(server: Server) -> None:
+    settings = effective(server)
+    pay = settings.wechat_pay
     user_id, token = await login(server)
-    app_order = await admin_create_order(client, amount="0.01", user_id=int(user_id))
-    _, app = await start(
-        client, server, token, order_no=app_order["order_no"], channel="wechat", trade_type="APP"
-    )
-    assert app["status"] == 1, app
-    data = app["data"]
-    assert (data["partnerid"], data["package"]) == (pay.mch_id, "Sign=WXPay")
-    wechat_pay.verify_v2_sign(data, pay.api_key, "MD5")
+    async with other_server(server, wechat_pay={"api_version": "v2"}) as client:
+        app_order = await admin_create_order(client, amount="0.01", user_id=int(user_id))
+        _, app = await start(
+            client, server, token, order_no=app_order["order_no"], channel="wechat", trade_type="APP"
+        )
+        assert app["status"] == 1, app
+        data = app["data"]
+        assert (data["appid"], data["partnerid"], data["package"]) == (
+            settings.wechat_app.app_id,
+            pay.mch_id,
+            "Sign=WXPay",
+        )
+        wechat_pay.verify_v2_sign(data, pay.api_key, "MD5")
 
-    h5_order = await admin_create_order(
-        client, amount="3.00"
-    )  # an order without a user may be paid by anyone
-    _, h5 = await start(
-        client, server, token, order_no=h5_order["order_no"], channel="wechat", trade_type="H5"
-    )
-    assert h5["status"] == 1, h5
-    assert set(h5["data"]) == {"mweb_url"} and h5["data"]["mweb_url"].startswith(server.url + "/_sandbox/")
+        h5_order = await admin_create_order(
+            client, amount="3.00"
+        )  # an order without a user may be paid by anyone
+        _, h5 = await start(
+            client, server, token, order_no=h5_order["order_no"], channel="wechat", trade_type="H5"
+        )
+        assert h5["status"] == 1, h5
+        assert set(h5["data"]) == {"h5_url", "mweb_url"}
+        assert h5["data"]["h5_url"] == h5["data"]["mweb_url"]
+        assert h5["data"]["mweb_url"].startswith(str(client.base_url).rstrip("/") + "/_sandbox/")
 
 
 async def test_refusals(client: httpx.AsyncClient, server: Server) -> None:
@@ -153,7 +168,7 @@ async def test_refusals(client: httpx.AsyncClient, server: Server) -> None:
     )
     assert (channel["code"], channel["field"]) == ("param.invalid", "channel")
     _, kind = await start(
-        client, server, token, order_no=mine["order_no"], channel="wechat", trade_type="NATIVE"
+        client, server, token, order_no=mine["order_no"], channel="wechat", trade_type="MICROPAY"
     )
     assert (kind["code"], kind["field"]) == ("param.invalid", "trade_type")
     _, missing = await start(client, server, token, channel="wechat", trade_type="H5")

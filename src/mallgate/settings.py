@@ -162,6 +162,24 @@ class WechatPaySettings(BaseModel):
     def configured(self) -> bool:
         return bool(self.mch_id and (self.api_key or self.api_v3_key))
 
+    @property
+    def v3_ready(self) -> bool:
+        """Everything an APIv3 call and the check of its answer need."""
+        return bool(
+            self.mch_id
+            and self.mch_private_key
+            and self.mch_serial_no
+            and self.api_v3_key
+            and (self.public_key or self.platform_certs)
+        )
+
+    @property
+    def order_api(self) -> Literal["v3", "v2"]:
+        """The API orders are created, refunded and closed with (see api_version)."""
+        if self.api_version == "auto":
+            return "v3" if self.v3_ready else "v2"
+        return self.api_version
+
 
 # What wx.config asks for when MALLGATE_WECHAT_MP__JS_API_LIST is unset: sharing (the current
 # and the older interfaces, which some WeChat versions still need), paying, scanning, images, location.
@@ -200,11 +218,9 @@ class WechatMpSettings(WechatAppCredentials):
     # WeChat waits 5 s for a push's answer; past this the push is answered `success` and its
     # handling finishes in the background.
     reply_deadline_seconds: float = Field(4.0, gt=0, le=4.5)
-
     require_state: bool = Field(
         False, description="oauth accepts only a state that oauth/url issued, each once (CSRF guard)"
     )
-
     # share/config signs only pages on these hosts (the OA's "JS接口安全域名"); empty: any host.
     js_domains: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated host names share/config may sign pages of"

@@ -136,6 +136,16 @@ class TradeQueryResult:
         _check_seal(self._seal, "TradeQueryResult")
 
 
+@dataclass(frozen=True)
+class RefundResult:
+    """A verified ``alipay.trade.refund`` answer; ``refund_total`` is cumulative over the trade."""
+
+    trade_no: str
+    refund_total: Decimal
+    fund_change: bool
+    raw: dict[str, Any]
+
+
 # ----------------------------------------------------------------------------------------------
 # keys
 
@@ -650,6 +660,68 @@ class AlipayClient(PlatformClient):
             raw=payload,
             _seal=_SEAL,
         )
+
+    async def trade_refund(
+        self, *, trade_no: str, out_trade_no: str, refund_amount: Decimal, out_request_no: str, reason: str
+    ) -> RefundResult:
+        """``alipay.trade.refund``: synchronous; ``refund_fee`` is the trade's refunded total after it.
+
+        The same out_request_no is one refund at Alipay however often it is sent.
+        """
+        payload = await self.call(
+            "alipay.trade.refund",
+            {
+                "trade_no": trade_no or None,
+                "out_trade_no": None if trade_no else out_trade_no,
+                "refund_amount": _yuan(refund_amount),
+                "out_request_no": out_request_no,
+                "refund_reason": reason or None,
+            },
+        )
+        self._business_ok("alipay.trade.refund", payload)
+        total = _amount({"refund_fee": str(payload.get("refund_fee", ""))}, "refund_fee")
+        if total is None:
+            raise AlipayApiError("alipay.trade.refund answer without refund_fee")
+        return RefundResult(
+            str(payload.get("trade_no", trade_no)), total, payload.get("fund_change") == "Y", payload
+        )
+
+    async def trade_close(self, out_trade_no: str) -> str:
+        """``alipay.trade.close``: "closed", or "not_exist" when Alipay holds no trade for it.
+
+        Raises AlipayApiError otherwise (ACQ.TRADE_STATUS_ERROR: paid, cannot be closed).
+        """
+        payload = await self.call("alipay.trade.close", {"out_trade_no": out_trade_no})
+        if str(payload.get("code")) == "40004" and payload.get("sub_code") == "ACQ.TRADE_NOT_EXIST":
+            return "not_exist"
+        self._business_ok("alipay.trade.close", payload)
+        return "closed"
+
+    async def refund_query(self, *, trade_no: str, out_trade_no: str, out_request_no: str) -> Decimal | None:
+        """``alipay.trade.fastpay.refund.query``: the amount of that refund, None if it never happened."""
+        payload = await self.call(
+            "alipay.trade.fastpay.refund.query",
+            {
+                "trade_no": trade_no or None,
+                "out_trade_no": None if trade_no else out_trade_no,
+                "out_request_no": out_request_no,
+            },
+        )
+        self._business_ok("alipay.trade.fastpay.refund.query", payload)
+        if payload.get("refund_status", "REFUND_SUCCESS") != "REFUND_SUCCESS":
+            return None
+        return _amount({"refund_amount": str(payload.get("refund_amount", ""))}, "refund_amount")
+
+    @staticmethod
+    def _business_ok(method: str, payload: Mapping[str, Any]) -> None:
+        code = str(payload.get("code", ""))
+        if code != "10000":
+            sub_code = str(payload.get("sub_code", ""))
+            raise AlipayApiError(
+                f"{method} failed: {code} {sub_code} {payload.get('sub_msg', '')}".strip(),
+                code=code,
+                sub_code=sub_code,
+            )
 
 
 def _unsigned_error(text: str, method: str) -> AlipayApiError | None:

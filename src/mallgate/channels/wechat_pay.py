@@ -7,8 +7,11 @@ callers can write ``wechat_pay.verify_v2_payment`` or ``wechat_pay.verify_v3_not
 
 from __future__ import annotations
 
+import json
+import ssl
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
+from urllib.parse import quote
 
 import httpx
 from cryptography.hazmat.primitives import serialization
@@ -50,8 +53,10 @@ from mallgate.channels.wechat_pay_v3 import (
     sign_v3,
     sign_v3_headers,
     sign_v3_notification,
+    v3_app_params,
     v3_authorization,
     v3_fail,
+    v3_jsapi_params,
     v3_message,
     v3_success,
     verify_v3_authorization,
@@ -68,12 +73,14 @@ __all__ = [
     "MalformedNotification",
     "NotAuthentic",
     "PrepayResult",
+    "RefundAnswer",
     "TradeType",
     "UnknownSerial",
     "UnsupportedEvent",
     "V2OrderQuery",
     "V2SignType",
     "V3KeyStore",
+    "V3TradeType",
     "WechatPayApiError",
     "WechatPayClient",
     "WechatV2Payment",
@@ -98,8 +105,10 @@ __all__ = [
     "to_xml",
     "v2_fail",
     "v2_success",
+    "v3_app_params",
     "v3_authorization",
     "v3_fail",
+    "v3_jsapi_params",
     "v3_message",
     "v3_success",
     "verify_v2_payment",
@@ -111,6 +120,8 @@ __all__ = [
 ]
 
 TradeType = Literal["JSAPI", "APP", "MWEB", "NATIVE"]
+# The last part of the v3 order path: /v3/pay/transactions/{jsapi,app,h5,native}.
+V3TradeType = Literal["jsapi", "app", "h5", "native"]
 
 
 class WechatPayApiError(ChannelError):
@@ -155,6 +166,25 @@ class PrepayResult:
     raw: dict[str, str]
 
 
+@dataclass(frozen=True)
+class RefundAnswer:
+    """What WeChat Pay said of one refund (request or query), verified.
+
+    ``status``: SUCCESS, PROCESSING, or a final failure (CLOSED, ABNORMAL, FAIL); v2 answers
+    are mapped onto the same words.
+    """
+
+    out_refund_no: str
+    refund_id: str
+    status: str
+    refund_fen: int | None
+    raw: dict[str, Any]
+
+    @property
+    def failed(self) -> bool:
+        return self.status not in ("SUCCESS", "PROCESSING")
+
+
 class WechatPayClient(PlatformClient):
     """Calls to WeChat Pay: v2 XML signed with the API key, v3 signed with the merchant key.
 
@@ -184,19 +214,22 @@ class WechatPayClient(PlatformClient):
     # ------------------------------------------------------------------------------------------
     # v2
 
-    async def _post_v2(self, path: str, params: dict[str, str]) -> dict[str, str]:
+    async def _post_v2(
+        self, path: str, params: dict[str, str], *, app_id: str = "", http: httpx.AsyncClient | None = None
+    ) -> dict[str, str]:
         settings = self._settings
-        if not (settings.api_key and settings.mch_id and settings.app_id):
+        app_id = app_id or settings.app_id
+        if not (settings.api_key and settings.mch_id and app_id):
             raise ValueError("v2 calls need app_id, mch_id and api_key")
         request = {
-            "appid": settings.app_id,
+            "appid": app_id,
             "mch_id": settings.mch_id,
             "nonce_str": self._clock.nonce(16),
             **{k: v for k, v in params.items() if v},
         }
         request["sign"] = sign_v2(request, settings.api_key, "MD5")
         try:
-            response = await self._http.post(
+            response = await (http or self._http).post(
                 f"{self._base}{path}", content=to_xml(request), headers={"Content-Type": "text/xml"}
             )
         except httpx.HTTPError as exc:
@@ -250,6 +283,7 @@ class WechatPayClient(PlatformClient):
         scene_info: str | None = None,
         attach: str | None = None,
         time_expire: str | None = None,
+        app_id: str = "",
     ) -> PrepayResult:
         if total_fee <= 0:
             raise ValueError("total_fee must be a positive number of fen")
@@ -269,7 +303,7 @@ class WechatPayClient(PlatformClient):
             # NATIVE requires a product id; the order number is as good as any.
             "product_id": out_trade_no if trade_type == "NATIVE" else "",
         }
-        fields = await self._post_v2("/pay/unifiedorder", params)
+        fields = await self._post_v2("/pay/unifiedorder", params, app_id=app_id)
         if fields.get("result_code") != "SUCCESS":
             code = fields.get("err_code", "")
             raise WechatPayApiError(
@@ -283,6 +317,77 @@ class WechatPayClient(PlatformClient):
             code_url=fields.get("code_url", ""),
             mweb_url=fields.get("mweb_url", ""),
             raw=fields,
+        )
+
+    async def close_order(self, out_trade_no: str) -> None:
+        """``pay/closeorder``; raises WechatPayApiError (code ORDERPAID when it was paid)."""
+        fields = await self._post_v2("/pay/closeorder", {"out_trade_no": out_trade_no})
+        if fields.get("result_code") != "SUCCESS":
+            code = fields.get("err_code", "")
+            # ORDERCLOSED: closed already, which is what was asked.
+            if code != "ORDERCLOSED":
+                raise WechatPayApiError(
+                    f"closeorder failed: {code} {fields.get('err_code_des', '')}", code=code
+                )
+
+    def _client_cert_http(self) -> httpx.AsyncClient | None:
+        """The client holding the merchant certificate ``secapi`` calls need (None: the plain one)."""
+        settings = self._settings
+        if not settings.api_client_cert:
+            return None
+        context = ssl.create_default_context()
+        context.load_cert_chain(settings.api_client_cert, settings.api_client_key or None)
+        return httpx.AsyncClient(verify=context, timeout=self._http.timeout)
+
+    async def refund_v2(
+        self,
+        *,
+        out_trade_no: str,
+        out_refund_no: str,
+        total_fee: int,
+        refund_fee: int,
+        reason: str,
+        notify_url: str,
+    ) -> RefundAnswer:
+        """``secapi/pay/refund`` (needs the API client certificate at WeChat Pay)."""
+        params = {
+            "out_trade_no": out_trade_no,
+            "out_refund_no": out_refund_no,
+            "total_fee": str(total_fee),
+            "refund_fee": str(refund_fee),
+            "refund_desc": reason,
+            "notify_url": notify_url,
+        }
+        http = self._client_cert_http()
+        try:
+            fields = await self._post_v2("/secapi/pay/refund", params, http=http)
+        finally:
+            if http is not None:
+                await http.aclose()
+        if fields.get("result_code") != "SUCCESS":
+            code = fields.get("err_code", "")
+            raise WechatPayApiError(f"refund failed: {code} {fields.get('err_code_des', '')}", code=code)
+        # Accepted: the outcome comes with the refund notice (or refundquery).
+        return RefundAnswer(
+            out_refund_no, fields.get("refund_id", ""), "PROCESSING", refund_fee, dict(fields)
+        )
+
+    async def refund_query_v2(self, out_refund_no: str) -> RefundAnswer:
+        fields = await self._post_v2("/pay/refundquery", {"out_refund_no": out_refund_no})
+        if fields.get("result_code") != "SUCCESS":
+            code = fields.get("err_code", "")
+            if code == "REFUNDNOTEXIST":
+                return RefundAnswer(out_refund_no, "", "NOT_EXIST", None, dict(fields))
+            raise WechatPayApiError(f"refundquery failed: {code}", code=code)
+        status = fields.get("refund_status_0", "")
+        fee = fields.get("refund_fee_0", "")
+        return RefundAnswer(
+            out_refund_no,
+            fields.get("refund_id_0", ""),
+            # v2's words for a refund that will not happen: CHANGE (abnormal), REFUNDCLOSE.
+            "FAIL" if status in ("CHANGE", "REFUNDCLOSE") else status,
+            int(fee) if fee.isascii() and fee.isdigit() else None,
+            dict(fields),
         )
 
     # ------------------------------------------------------------------------------------------
@@ -340,6 +445,158 @@ class WechatPayClient(PlatformClient):
             (format(c.serial_number, "X"), c.public_bytes(serialization.Encoding.PEM).decode("ascii"))
             for c in certs
         ]
+
+    def _v3_keys(self) -> V3KeyStore:
+        if self._keys is None:
+            self._keys = V3KeyStore.from_settings(self._settings)
+        return self._keys
+
+    async def _call_v3(
+        self, method: str, path: str, payload: dict[str, Any] | None = None
+    ) -> tuple[int, Any]:
+        """Sign, send, verify: the status and the JSON of an answer WeChat Pay signed.
+
+        A 2xx answer is believed only once its Wechatpay-* signature checks out; an error
+        answer yields a WechatPayApiError with its code, so nothing is taken from it but
+        the refusal.
+        """
+        settings = self._settings
+        if not settings.v3_ready:
+            raise ValueError(
+                "v3 calls need mch_id, mch_private_key, mch_serial_no, the APIv3 key and a platform key"
+            )
+        body = (
+            b""
+            if payload is None
+            else json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        )
+        url = httpx.URL(f"{self._base}{path}")
+        authorization = v3_authorization(
+            method,
+            url.raw_path.decode("ascii"),
+            body,
+            mch_id=settings.mch_id,
+            serial_no=settings.mch_serial_no,
+            private_key=load_private_key(settings.mch_private_key),
+            timestamp=int(self._clock.now()),
+            nonce=self._clock.nonce(32),
+        )
+        headers = {"Authorization": authorization, "Accept": "application/json", "User-Agent": "mallgate"}
+        if payload is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            response = await self._http.request(method, url, content=body, headers=headers)
+        except httpx.HTTPError as exc:
+            raise WechatPayApiError(f"WeChat Pay unreachable: {type(exc).__name__}") from exc
+        if not 200 <= response.status_code < 300:
+            code = _v3_code(response)
+            raise WechatPayApiError(
+                f"{path} answered HTTP {response.status_code} {code}", code=code or "HTTP"
+            )
+        await self._verify_answer(response)
+        if not response.content:
+            return response.status_code, {}
+        try:
+            return response.status_code, response.json()
+        except ValueError:
+            raise WechatPayApiError(f"{path} answer is not JSON") from None
+
+    async def _verify_answer(self, response: httpx.Response) -> None:
+        keys = self._v3_keys()
+        try:
+            verify_v3_signature(response.headers, response.content, keys=keys, now=self._clock.now())
+        except UnknownSerial:
+            if not keys.certificate_mode:
+                raise
+            # Certificate mode: a rotated platform certificate; fetch them once and check again.
+            await self.fetch_certificates()
+            verify_v3_signature(response.headers, response.content, keys=keys, now=self._clock.now())
+
+    async def prepay_v3(
+        self,
+        kind: V3TradeType,
+        *,
+        app_id: str,
+        out_trade_no: str,
+        total: int,
+        description: str,
+        notify_url: str,
+        client_ip: str,
+        openid: str | None = None,
+        wap_url: str = "",
+    ) -> dict[str, str]:
+        """``POST /v3/pay/transactions/{kind}``: prepay_id (jsapi, app), h5_url or code_url."""
+        if total <= 0:
+            raise ValueError("total must be a positive number of fen")
+        if kind == "jsapi" and not openid:
+            raise ValueError("JSAPI payments need the payer's openid")
+        payload: dict[str, Any] = {
+            "appid": app_id,
+            "mchid": self._settings.mch_id,
+            "description": description,
+            "out_trade_no": out_trade_no,
+            "notify_url": notify_url,
+            "amount": {"total": total, "currency": "CNY"},
+        }
+        if kind == "jsapi":
+            payload["payer"] = {"openid": openid}
+        if kind == "h5":
+            payload["scene_info"] = {
+                "payer_client_ip": client_ip,
+                "h5_info": {"type": "Wap", "app_url": wap_url},
+            }
+        elif kind == "native":
+            payload["scene_info"] = {"payer_client_ip": client_ip}
+        _, answer = await self._call_v3("POST", f"/v3/pay/transactions/{kind}", payload)
+        wanted = {"jsapi": "prepay_id", "app": "prepay_id", "h5": "h5_url", "native": "code_url"}[kind]
+        value = answer.get(wanted) if isinstance(answer, dict) else None
+        if not isinstance(value, str) or not value:
+            raise WechatPayApiError(f"{kind} answer without {wanted}")
+        return {wanted: value}
+
+    async def close_v3(self, out_trade_no: str) -> None:
+        """``POST .../out-trade-no/{no}/close``: 204 when closed; WechatPayApiError (ORDERPAID, ...) else."""
+        path = f"/v3/pay/transactions/out-trade-no/{quote(out_trade_no, safe='')}/close"
+        await self._call_v3("POST", path, {"mchid": self._settings.mch_id})
+
+    async def refund_v3(
+        self, *, out_trade_no: str, out_refund_no: str, total: int, refund: int, reason: str, notify_url: str
+    ) -> RefundAnswer:
+        """``POST /v3/refund/domestic/refunds``."""
+        payload = {
+            "out_trade_no": out_trade_no,
+            "out_refund_no": out_refund_no,
+            "notify_url": notify_url,
+            "amount": {"refund": refund, "total": total, "currency": "CNY"},
+        }
+        if reason:
+            payload["reason"] = reason
+        _, answer = await self._call_v3("POST", "/v3/refund/domestic/refunds", payload)
+        return _refund_answer(answer, out_refund_no)
+
+    async def refund_query_v3(self, out_refund_no: str) -> RefundAnswer:
+        path = f"/v3/refund/domestic/refunds/{quote(out_refund_no, safe='')}"
+        try:
+            _, answer = await self._call_v3("GET", path)
+        except WechatPayApiError as exc:
+            if exc.code == "RESOURCE_NOT_EXISTS":
+                return RefundAnswer(out_refund_no, "", "NOT_EXIST", None, {})
+            raise
+        return _refund_answer(answer, out_refund_no)
+
+
+def _refund_answer(answer: Any, out_refund_no: str) -> RefundAnswer:
+    if not isinstance(answer, dict) or answer.get("out_refund_no") != out_refund_no:
+        raise WechatPayApiError("refund answer names another refund")
+    amount = answer.get("amount")
+    refund = amount.get("refund") if isinstance(amount, dict) else None
+    return RefundAnswer(
+        out_refund_no,
+        str(answer.get("refund_id", "")),
+        str(answer.get("status", "")),
+        refund if isinstance(refund, int) and not isinstance(refund, bool) else None,
+        answer,
+    )
 
 
 def _v3_code(response: httpx.Response) -> str:

@@ -11,7 +11,7 @@ import binascii
 import hashlib
 import hmac
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Literal
 from xml.etree.ElementTree import ParseError
@@ -30,6 +30,7 @@ __all__ = [
     "V2SignType",
     "WechatV2Payment",
     "WechatV2Refund",
+    "app_id_matches",
     "app_params",
     "decrypt_refund_req_info",
     "encrypt_refund_req_info",
@@ -217,14 +218,22 @@ def _fen_required(fields: Mapping[str, str], name: str) -> int:
     return value
 
 
-def _check_merchant(fields: Mapping[str, str], app_id: str, mch_id: str) -> None:
+AppIds = str | Collection[str]
+
+
+def app_id_matches(given: str, app_id: AppIds) -> bool:
+    """One merchant id serves several apps (Official Account, Mini Program, APP): any of ours."""
+    return given == app_id if isinstance(app_id, str) else given in app_id
+
+
+def _check_merchant(fields: Mapping[str, str], app_id: AppIds, mch_id: str) -> None:
     if fields.get("mch_id", "") != mch_id:
         raise ForeignNotification("notification for another mch_id")
-    if fields.get("appid", "") != app_id:
+    if not app_id_matches(fields.get("appid", ""), app_id):
         raise ForeignNotification("notification for another appid")
 
 
-def verify_v2_payment(body: bytes, *, api_key: str, app_id: str, mch_id: str) -> WechatV2Payment:
+def verify_v2_payment(body: bytes, *, api_key: str, app_id: AppIds, mch_id: str) -> WechatV2Payment:
     """Check a v2 payment notification and return what it says.
 
     Order matters: the signature is checked before any field is believed, the merchant
@@ -296,7 +305,7 @@ def encrypt_refund_req_info(fields: Mapping[str, str], api_key: str) -> str:
     return base64.b64encode(encryptor.update(padded) + encryptor.finalize()).decode("ascii")
 
 
-def verify_v2_refund(body: bytes, *, api_key: str, app_id: str, mch_id: str) -> WechatV2Refund:
+def verify_v2_refund(body: bytes, *, api_key: str, app_id: AppIds, mch_id: str) -> WechatV2Refund:
     """Check a v2 refund notification by decrypting ``req_info`` and return what it says."""
     if not (api_key and mch_id):
         raise ValueError("api_key and mch_id must be configured to accept v2 notifications")

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from mallgate.channels.errors import ChannelError, ForeignNotification, MalformedNotification, NotAuthentic
+from mallgate.channels.wechat_pay_v2 import AppIds, app_id_matches
 from mallgate.clock import BEIJING
 from mallgate.keys import load_private_key, load_public_key
 from mallgate.settings import WechatPaySettings
@@ -44,8 +45,10 @@ __all__ = [
     "sign_v3",
     "sign_v3_headers",
     "sign_v3_notification",
+    "v3_app_params",
     "v3_authorization",
     "v3_fail",
+    "v3_jsapi_params",
     "v3_message",
     "v3_success",
     "verify_v3_authorization",
@@ -460,11 +463,11 @@ def _amount(resource: Mapping[str, Any]) -> Mapping[str, Any]:
     return amount
 
 
-def _payment(event: WechatV3Event, app_id: str, mch_id: str) -> WechatV3Payment:
+def _payment(event: WechatV3Event, app_id: AppIds, mch_id: str) -> WechatV3Payment:
     res = event.resource
     if _str(res, "mchid") != mch_id:
         raise ForeignNotification("notification for another mchid")
-    if _str(res, "appid") != app_id:
+    if not app_id_matches(_str(res, "appid"), app_id):
         raise ForeignNotification("notification for another appid")
     amount = _amount(res)
     payer = res.get("payer")
@@ -516,7 +519,7 @@ def verify_v3_notification(
     *,
     keys: V3KeyStore,
     api_v3_key: str | bytes,
-    app_id: str,
+    app_id: AppIds,
     mch_id: str,
     now: float,
     tolerance: float = 300,
@@ -641,3 +644,43 @@ def v3_fail(message: str, status: int = 500) -> tuple[int, bytes]:
     if not 400 <= status <= 599:
         raise ValueError("a v3 failure answer needs a 4xx or 5xx status")
     return status, json.dumps({"code": "FAIL", "message": message}, ensure_ascii=False).encode()
+
+
+# ----------------------------------------------------------------------------------------------
+# what the clients need to open the cashier (v3: RSA with the merchant key)
+
+
+def v3_jsapi_params(
+    app_id: str, prepay_id: str, private_key: PrivateKeyLike, *, timestamp: int, nonce: str
+) -> dict[str, str]:
+    """``WeixinJSBridge`` / ``wx.requestPayment`` parameters for a v3 prepay id.
+
+    paySign is RSA-SHA256 over ``appId\ntimeStamp\nonceStr\npackage\n`` (WeChat's JSAPI rule).
+    """
+    params = {
+        "appId": app_id,
+        "timeStamp": str(timestamp),
+        "nonceStr": nonce,
+        "package": f"prepay_id={prepay_id}",
+        "signType": "RSA",
+    }
+    params["paySign"] = sign_v3(
+        [params["appId"], params["timeStamp"], params["nonceStr"], params["package"]], private_key
+    )
+    return params
+
+
+def v3_app_params(
+    app_id: str, mch_id: str, prepay_id: str, private_key: PrivateKeyLike, *, timestamp: int, nonce: str
+) -> dict[str, str]:
+    """``PayReq`` fields for the APP SDK; sign is RSA over ``appid\ntimestamp\nnoncestr\nprepayid\n``."""
+    params = {
+        "appid": app_id,
+        "partnerid": mch_id,
+        "prepayid": prepay_id,
+        "package": "Sign=WXPay",
+        "noncestr": nonce,
+        "timestamp": str(timestamp),
+    }
+    params["sign"] = sign_v3([app_id, params["timestamp"], nonce, prepay_id], private_key)
+    return params

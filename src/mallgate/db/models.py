@@ -174,6 +174,32 @@ class Refund(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime)
 
 
+class RefundRequest(Base):
+    """A refund the mall asked a platform for: recorded before the call, settled by the notice or a query.
+
+    `idempotency_key` is the caller's (the same key is one refund, however often it is sent);
+    `request_no` is what the platform knows the refund by (Alipay out_request_no, WeChat
+    out_refund_no). `status`: requesting (recorded, call under way), pending (accepted, not yet
+    done), succeeded (the state machine recorded the money back), failed (refused: nothing moved).
+    """
+
+    __tablename__ = "refund_requests"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    order_no: Mapped[str] = mapped_column(String(64), index=True)
+    channel: Mapped[str] = mapped_column(String(16))
+    trade_no: Mapped[str] = mapped_column(String(64))
+    idempotency_key: Mapped[str] = mapped_column(String(128), unique=True)
+    request_no: Mapped[str] = mapped_column(String(64), unique=True)
+    amount: Mapped[Decimal] = mapped_column(Money)
+    reason: Mapped[str] = mapped_column(String(80), default="")
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    platform_refund_id: Mapped[str] = mapped_column(String(64), default="")
+    error: Mapped[str] = mapped_column(String(255), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+
+
 class PaymentNotification(Base):
     """Every notification as received, kept for audit and replay whatever its fate."""
 

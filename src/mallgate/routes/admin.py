@@ -12,7 +12,7 @@ from mallgate.deps import ParamsDep, RuntimeDep, require_admin
 from mallgate.envelope import ApiError, ok
 from mallgate.mobile import normalize_mobile
 from mallgate.params import ascii_int, parse_amount
-from mallgate.services import accounts, goods, orders
+from mallgate.services import accounts, goods, orders, refunds
 
 # Out of the public /docs and /openapi.json: the admin API is for the mall's own services.
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)], include_in_schema=False)
@@ -58,6 +58,28 @@ async def get_order(runtime: RuntimeDep, order_no: OrderNo) -> JSONResponse:
         if order is None:
             raise ApiError("订单不存在", "order.not_found")
         return ok(orders.order_view(order, zone=runtime.settings.zone))
+
+
+@router.post("/orders/{order_no}/refund")
+async def refund_order(runtime: RuntimeDep, order_no: OrderNo, params: ParamsDep) -> JSONResponse:
+    amount = parse_amount(params.get("amount"))
+    reason = params.text("reason", required=False, max_length=refunds.REASON_MAX)
+    key = params.text("idempotency_key", max_length=128)
+    return ok(
+        await refunds.request_refund(
+            runtime, order_no=order_no, amount=amount, reason=reason, idempotency_key=key
+        )
+    )
+
+
+@router.get("/orders/{order_no}/refunds")
+async def list_refunds(runtime: RuntimeDep, order_no: OrderNo) -> JSONResponse:
+    return ok(await refunds.refunds_of(runtime, order_no))
+
+
+@router.post("/orders/{order_no}/close")
+async def close_order(runtime: RuntimeDep, order_no: OrderNo) -> JSONResponse:
+    return ok(await refunds.close_order(runtime, order_no))
 
 
 @router.post("/users")

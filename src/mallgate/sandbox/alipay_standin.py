@@ -27,12 +27,14 @@ from mallgate.sandbox.notifier import Notifier, Outgoing
 from mallgate.sandbox.pages import message, render
 from mallgate.sandbox.trades import (
     Outcome,
+    RefundRefused,
     SandboxError,
     Trade,
     TradeBook,
     alipay_trade_no,
     digits,
     parse_yuan,
+    request_refund,
     yuan,
 )
 
@@ -42,7 +44,15 @@ if TYPE_CHECKING:
 SIGN_TYPE: Final = "RSA2"
 _JSON: Final = "application/json;charset=utf-8"
 _FORM: Final = "application/x-www-form-urlencoded; charset=utf-8"
-_METHODS: Final = frozenset({"alipay.trade.query", "alipay.trade.wap.pay"})
+_METHODS: Final = frozenset(
+    {
+        "alipay.trade.query",
+        "alipay.trade.wap.pay",
+        "alipay.trade.refund",
+        "alipay.trade.close",
+        "alipay.trade.fastpay.refund.query",
+    }
+)
 _BUYER_LOGON_ID: Final = "159****5620"
 _BODY_LIMIT: Final = 64 * 1024
 
@@ -133,6 +143,12 @@ class AlipayStandIn:
                 params = self._checked_params(body, query)
                 if params["method"] == "alipay.trade.wap.pay":
                     return self._cashier(request, params)
+                if params["method"] == "alipay.trade.refund":
+                    return await self._trade_refund(params)
+                if params["method"] == "alipay.trade.close":
+                    return self._signed("alipay.trade.close", self._trade_close(params))
+                if params["method"] == "alipay.trade.fastpay.refund.query":
+                    return self._signed("alipay.trade.fastpay.refund.query", self._refund_query(params))
                 return self._trade_query(params)
             except GatewayError as exc:
                 if method == "alipay.trade.wap.pay":
@@ -210,6 +226,114 @@ class AlipayStandIn:
         return Response(
             sign_response("alipay.trade.query", payload, self._platform_private, SIGN_TYPE), media_type=_JSON
         )
+
+    def _signed(self, method: str, payload: dict[str, Any]) -> Response:
+        return Response(sign_response(method, payload, self._platform_private, SIGN_TYPE), media_type=_JSON)
+
+    @staticmethod
+    def _business_failed(sub_code: str, sub_msg: str) -> dict[str, Any]:
+        return {"code": "40004", "msg": "Business Failed", "sub_code": sub_code, "sub_msg": sub_msg}
+
+    def _trade_of(self, biz: dict[str, Any]) -> Trade | None:
+        trade_no, out_trade_no = str(biz.get("trade_no") or ""), str(biz.get("out_trade_no") or "")
+        if trade_no:
+            return self._book.by_trade_no("alipay", trade_no)
+        return self._book.get("alipay", out_trade_no) if out_trade_no else None
+
+    async def _trade_refund(self, params: dict[str, str]) -> Response:
+        method = "alipay.trade.refund"
+        biz = _biz_content(params)
+        trade = self._trade_of(biz)
+        request_no = str(biz.get("out_request_no") or "")
+        try:
+            amount = parse_yuan(str(biz.get("refund_amount") or ""), "refund_amount")
+        except SandboxError:
+            return self._signed(
+                method, self._business_failed("ACQ.INVALID_PARAMETER", "参数无效: refund_amount")
+            )
+        if trade is None or trade.status != "paid":
+            return self._signed(method, self._business_failed("ACQ.TRADE_NOT_EXIST", "交易不存在"))
+        # Without out_request_no Alipay takes the trade number: one refund per trade.
+        request_no = request_no or trade.trade_no
+        try:
+            _, refund, new = request_refund(trade, request_no, amount)
+        except RefundRefused:
+            return self._signed(
+                method, self._business_failed("ACQ.SELLER_BALANCE_NOT_ENOUGH", "卖家余额不足")
+            )
+        except SandboxError as exc:
+            return self._signed(method, self._business_failed("ACQ.REFUND_AMT_NOT_EQUAL_TOTAL", str(exc)))
+        now = self._clock.beijing()
+        if new:
+            trade.notify_id = secrets.token_hex(16)
+            await self._notifier.deliver(
+                "alipay",
+                self.default_notify_url,
+                self._builder(self._refund_fields(trade, request_no, now)),
+                order_no=trade.out_trade_no,
+                kind="refund",
+            )
+        payload = {
+            "code": "10000",
+            "msg": "Success",
+            "buyer_logon_id": _BUYER_LOGON_ID,
+            "buyer_user_id": trade.buyer_id,
+            # Y: this call moved money; a repeated out_request_no answers N with the same total.
+            "fund_change": "Y" if new else "N",
+            "gmt_refund_pay": now.strftime("%Y-%m-%d %H:%M:%S"),
+            "out_trade_no": trade.out_trade_no,
+            "refund_fee": yuan(trade.refunded),
+            "send_back_fee": yuan(refund),
+            "trade_no": trade.trade_no,
+        }
+        return self._signed(method, payload)
+
+    def _trade_close(self, params: dict[str, str]) -> dict[str, Any]:
+        trade = self._trade_of(_biz_content(params))
+        if trade is None or (trade.status == "pending" and not trade.trade_no):
+            # A cashier opened but never paid: Alipay has no trade to close either.
+            if trade is not None:
+                trade.status, trade.closed_at = "closed", self._clock.beijing()
+            return self._business_failed("ACQ.TRADE_NOT_EXIST", "交易不存在")
+        if trade.status == "paid":
+            return self._business_failed("ACQ.TRADE_STATUS_ERROR", "交易状态不合法")
+        trade.status, trade.closed_at = "closed", self._clock.beijing()
+        return {
+            "code": "10000",
+            "msg": "Success",
+            "out_trade_no": trade.out_trade_no,
+            "trade_no": trade.trade_no,
+        }
+
+    def _refund_query(self, params: dict[str, str]) -> dict[str, Any]:
+        biz = _biz_content(params)
+        trade = self._trade_of(biz)
+        request_no = str(biz.get("out_request_no") or "")
+        if trade is None or request_no not in trade.refunds:
+            # Alipay answers an unknown refund with success and no refund_amount.
+            return {"code": "10000", "msg": "Success", "out_request_no": request_no}
+        _, amount = trade.refunds[request_no]
+        return {
+            "code": "10000",
+            "msg": "Success",
+            "out_request_no": request_no,
+            "out_trade_no": trade.out_trade_no,
+            "trade_no": trade.trade_no,
+            "refund_amount": yuan(amount),
+            "total_amount": yuan(trade.amount),
+            "refund_status": "REFUND_SUCCESS",
+        }
+
+    def _refund_fields(self, trade: Trade, request_no: str, now: Any) -> dict[str, str]:
+        fields = self._trade_fields(trade) | self._paid_fields(trade)
+        fields |= {
+            "out_biz_no": request_no,
+            "refund_fee": yuan(trade.refunded),  # cumulative, as Alipay sends it
+            "gmt_refund": now.strftime("%Y-%m-%d %H:%M:%S.") + f"{now.microsecond // 1000:03d}",
+        }
+        if trade.fully_refunded:
+            fields |= {"trade_status": "TRADE_CLOSED", "gmt_close": now.strftime("%Y-%m-%d %H:%M:%S")}
+        return fields
 
     def _query_payload(self, trade: Trade) -> dict[str, Any]:
         paid = trade.status == "paid"
@@ -322,14 +446,10 @@ class AlipayStandIn:
         elif kind == "refund":
             refund = trade.take_refund(refund_amount)
             trade.notify_id = secrets.token_hex(16)
-            fields = self._trade_fields(trade) | self._paid_fields(trade)
-            fields |= {
-                "out_biz_no": f"{order_no}R{trade.refund_count}",
-                "refund_fee": yuan(trade.refunded),  # cumulative, as Alipay sends it
-                "gmt_refund": now.strftime("%Y-%m-%d %H:%M:%S.") + f"{now.microsecond // 1000:03d}",
-            }
-            if trade.fully_refunded:
-                fields |= {"trade_status": "TRADE_CLOSED", "gmt_close": now.strftime("%Y-%m-%d %H:%M:%S")}
+            fields = self._refund_fields(trade, f"{order_no}R{trade.refund_count}", now)
+        elif kind == "fail_next_refund":
+            trade.fail_next_refund = True
+            return Outcome(kind, trade, "", [], note="the next refund request of this trade will be refused")
         elif kind == "close":
             if trade.status == "paid":
                 raise SandboxError(f"{order_no} is paid: refund it instead")

@@ -48,7 +48,8 @@ class PayRequest(BaseModel):
     amount: str | None = None
     wechat_version: Literal["v2", "v3"] = "v2"
     duplicates: int = Field(0, ge=0, le=MAX_DUPLICATES)
-    kind: Literal["pay", "refund", "close"] = "pay"
+    # fail_next_refund: the platform refuses the next refund the service asks for, on purpose.
+    kind: Literal["pay", "refund", "close", "fail_next_refund"] = "pay"
     refund_amount: str | None = None
     # false: the platform records the change but its notice never arrives (for trying reconcile).
     notify: bool = True
@@ -230,7 +231,7 @@ def payment_standins(state: SandboxState) -> list[StandIn]:
     return [
         StandIn(
             "Alipay",
-            "gateway.do: alipay.trade.query and the alipay.trade.wap.pay cashier; "
+            "gateway.do: alipay.trade.query, .refund, .close and the alipay.trade.wap.pay cashier; "
             "signed notifications with retries",
             payments.alipay.router,
             [("pay an order", "/pay")],
@@ -239,7 +240,8 @@ def payment_standins(state: SandboxState) -> list[StandIn]:
         ),
         StandIn(
             "WeChat Pay",
-            "v2 pay/unifiedorder and pay/orderquery, v3 certificates, the MWEB cashier; "
+            "v2 unifiedorder, orderquery, closeorder, secapi refund, refundquery; v3 transactions "
+            "jsapi/app/h5/native, close, refunds, certificates; the MWEB cashier; "
             "v2 XML and v3 JSON notifications with retries",
             payments.wechat.router,
             [("pay an order", "/pay")],

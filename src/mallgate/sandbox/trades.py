@@ -82,6 +82,9 @@ class Trade:
     closed_at: datetime | None = None
     notify_id: str = ""  # Alipay keeps one id per state change across re-sends
     events: list[str] = field(default_factory=list)
+    # Refunds the merchant asked for, by its request number: (platform refund id, amount).
+    refunds: dict[str, tuple[str, Decimal]] = field(default_factory=dict)
+    fail_next_refund: bool = False  # set from the console: the next refund request is refused
 
     @property
     def fully_refunded(self) -> bool:
@@ -113,6 +116,25 @@ class Trade:
         return refund
 
 
+class RefundRefused(SandboxError):
+    """A refund the platform turns down on purpose (the console's "fail next refund")."""
+
+
+def request_refund(trade: Trade, request_no: str, amount: Decimal) -> tuple[str, Decimal, bool]:
+    """A merchant's refund request: (refund id, amount, new?). The same request number is
+    answered with the same refund, never a second one, as the platforms do."""
+    known = trade.refunds.get(request_no)
+    if known is not None:
+        return known[0], known[1], False
+    if trade.fail_next_refund:
+        trade.fail_next_refund = False
+        raise RefundRefused("refused on purpose from the sandbox console")
+    refund = trade.take_refund(amount)
+    refund_id = "50" + digits(27)
+    trade.refunds[request_no] = (refund_id, refund)
+    return refund_id, refund, True
+
+
 class TradeBook:
     """Trades by channel and merchant order number, oldest forgotten first past ``limit``."""
 
@@ -129,6 +151,9 @@ class TradeBook:
         return next(
             (t for (c, _), t in self._trades.items() if c == channel and t.trade_no == trade_no), None
         )
+
+    def trades(self, channel: Channel) -> list[Trade]:
+        return [t for (c, _), t in self._trades.items() if c == channel]
 
     def by_prepay_id(self, prepay_id: str) -> Trade | None:
         if not prepay_id:

@@ -7,6 +7,7 @@ same functions that verify them in the service.
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
@@ -44,11 +45,13 @@ from mallgate.sandbox.notifier import Notifier, Outgoing
 from mallgate.sandbox.pages import message, render
 from mallgate.sandbox.trades import (
     Outcome,
+    RefundRefused,
     SandboxError,
     Trade,
     TradeBook,
     digits,
     fen,
+    request_refund,
     wechat_transaction_id,
     yuan,
 )
@@ -64,6 +67,15 @@ TRADE_TYPES: Final = frozenset({"JSAPI", "NATIVE", "APP", "MWEB"})
 _XML: Final = "text/xml; charset=utf-8"
 _BODY_LIMIT: Final = 64 * 1024
 _V2_REQUIRED: Final = ("body", "out_trade_no", "total_fee", "spbill_create_ip", "notify_url", "trade_type")
+_V3_TRADE_TYPES: Final = {"jsapi": "JSAPI", "app": "APP", "h5": "MWEB", "native": "NATIVE"}
+
+
+class V3Refusal(Exception):
+    """An APIv3 error answer: HTTP status and WeChat's {"code", "message"}."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}")
+        self.status, self.code, self.message = status, code, message
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,6 +278,55 @@ class WechatPayStandIn:
             }
         return payload
 
+    async def _refund_v2_call(self, fields: dict[str, str]) -> dict[str, str]:
+        names = ("out_trade_no", "out_refund_no", "total_fee", "refund_fee")
+        missing = [n for n in names if not fields.get(n)]
+        if missing:
+            raise SandboxError(f"缺少参数{missing[0]}")
+        if not all(fields[n].isascii() and fields[n].isdigit() for n in ("total_fee", "refund_fee")):
+            raise SandboxError("total_fee 或 refund_fee 参数格式错误")
+        try:
+            trade, refund_id, amount = await self.refund(
+                out_trade_no=fields["out_trade_no"],
+                out_refund_no=fields["out_refund_no"],
+                refund_fen=int(fields["refund_fee"]),
+                total_fen=int(fields["total_fee"]),
+                version="v2",
+            )
+        except V3Refusal as exc:
+            code = {"NOT_ENOUGH": "NOTENOUGH", "RESOURCE_NOT_EXISTS": "ORDERNOTEXIST"}.get(
+                exc.code, "INVALID_REQUEST"
+            )
+            return self._result_fail(code, exc.message)
+        return {
+            "result_code": "SUCCESS",
+            "transaction_id": trade.trade_no,
+            "out_trade_no": trade.out_trade_no,
+            "out_refund_no": fields["out_refund_no"],
+            "refund_id": refund_id,
+            "refund_fee": str(fen(amount)),
+            "total_fee": str(fen(trade.amount)),
+            "cash_fee": str(fen(trade.amount)),
+        }
+
+    def _refund_query_v2(self, fields: dict[str, str]) -> dict[str, str]:
+        out_refund_no = fields.get("out_refund_no", "")
+        trade = self._refund_lookup(out_refund_no) if out_refund_no else None
+        if trade is None:
+            return self._result_fail("REFUNDNOTEXIST", "退款订单查询失败")
+        refund_id, amount = trade.refunds[out_refund_no]
+        return {
+            "result_code": "SUCCESS",
+            "transaction_id": trade.trade_no,
+            "out_trade_no": trade.out_trade_no,
+            "total_fee": str(fen(trade.amount)),
+            "refund_count": "1",
+            "out_refund_no_0": out_refund_no,
+            "refund_id_0": refund_id,
+            "refund_fee_0": str(fen(amount)),
+            "refund_status_0": "SUCCESS",
+        }
+
     # ------------------------------------------------------------------------------------------
     # v3
 
@@ -297,6 +358,211 @@ class WechatPayStandIn:
         headers["Request-ID"] = secrets.token_hex(16)
         return Response(body, headers=headers, media_type="application/json")
 
+    async def _v3_request(self, request: Request) -> bytes:
+        """The body of a v3 call once its Authorization (merchant key and serial) has checked out."""
+        body = await request.body()
+        if len(body) > _BODY_LIMIT:
+            raise V3Refusal(400, "PARAM_ERROR", "请求过大")
+        raw_path: bytes = request.scope.get("raw_path") or request.url.path.encode()
+        query: bytes = request.scope.get("query_string", b"")
+        url = raw_path.decode("latin-1") + ("?" + query.decode("latin-1") if query else "")
+        try:
+            fields = verify_v3_authorization(
+                request.headers.get("authorization", ""),
+                request.method,
+                url,
+                body,
+                public_key=self._merchant_public,
+                now=self._clock.now(),
+            )
+        except NotAuthentic as exc:
+            raise V3Refusal(401, "SIGN_ERROR", f"签名错误: {exc}") from None
+        if fields["mchid"] != WECHATPAY_MCH_ID:
+            raise V3Refusal(401, "SIGN_ERROR", "商户号与签名不匹配")
+        return body
+
+    @staticmethod
+    def _v3_json(body: bytes) -> dict[str, Any]:
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            data = None
+        if not isinstance(data, dict):
+            raise V3Refusal(400, "PARAM_ERROR", "请求体不是 JSON 对象")
+        return data
+
+    def _v3_answer(self, status: int, payload: Mapping[str, Any] | None) -> Response:
+        """An answer signed with the platform key, as WeChat Pay signs every answer."""
+        body = (
+            b""
+            if payload is None
+            else json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        )
+        headers = sign_v3_headers(
+            body,
+            private_key=self._platform_private,
+            serial=self._public_key_id,
+            timestamp=int(self._clock.now()),
+            nonce=secrets.token_hex(16),
+        )
+        headers["Request-ID"] = secrets.token_hex(16)
+        if payload is None:
+            return Response(status_code=status, headers=headers)
+        return Response(body, status_code=status, headers=headers, media_type="application/json")
+
+    def _v3_refusal(self, exc: V3Refusal) -> Response:
+        return self._v3_answer(exc.status, {"code": exc.code, "message": exc.message})
+
+    def _prepay_v3(self, kind: str, data: dict[str, Any], cashier_url: str) -> dict[str, str]:
+        for name in ("appid", "mchid", "description", "out_trade_no", "notify_url"):
+            if not isinstance(data.get(name), str) or not data[name]:
+                raise V3Refusal(400, "PARAM_ERROR", f"缺少参数 {name}")
+        if data["mchid"] != WECHATPAY_MCH_ID:
+            raise V3Refusal(400, "PARAM_ERROR", "商户号 mchid 与请求签名不一致")
+        if data["appid"] not in APP_IDS:
+            raise V3Refusal(400, "APPID_MCHID_NOT_MATCH", "appid 和 mch_id 不匹配")
+        amount = data.get("amount")
+        total = amount.get("total") if isinstance(amount, dict) else None
+        if not isinstance(total, int) or isinstance(total, bool) or total <= 0:
+            raise V3Refusal(400, "PARAM_ERROR", "amount.total 应为正整数（分）")
+        payer = data.get("payer")
+        openid = payer.get("openid", "") if isinstance(payer, dict) else ""
+        if kind == "jsapi" and not openid:
+            raise V3Refusal(400, "PARAM_ERROR", "JSAPI 支付必须传 payer.openid")
+        scene = data.get("scene_info")
+        if kind in ("h5", "native") and not (isinstance(scene, dict) and scene.get("payer_client_ip")):
+            raise V3Refusal(400, "PARAM_ERROR", "缺少参数 scene_info.payer_client_ip")
+        trade_type = _V3_TRADE_TYPES[kind]
+        out_trade_no = data["out_trade_no"]
+        trade = self._book.get("wechat", out_trade_no)
+        if trade is not None:
+            if trade.status == "paid":
+                raise V3Refusal(400, "ORDERPAID", "该订单已支付")
+            if trade.status == "closed":
+                raise V3Refusal(400, "ORDER_CLOSED", "订单已关闭")
+            if fen(trade.amount) != total:
+                raise V3Refusal(400, "OUT_TRADE_NO_USED", "商户订单号重复")
+        if trade is None or trade.trade_type != trade_type or not trade.prepay_id:
+            trade = self._book.put(
+                Trade(
+                    channel="wechat",
+                    out_trade_no=out_trade_no,
+                    amount=Decimal(total) / 100,
+                    subject=data["description"],
+                    notify_url=data["notify_url"],
+                    appid=data["appid"],
+                    trade_type=trade_type,
+                    prepay_id="wx" + self._clock.beijing().strftime("%d%H%M%S") + secrets.token_hex(13),
+                    buyer_id=openid,
+                    created_at=self._clock.beijing(),
+                )
+            )
+        if kind == "native":
+            return {"code_url": f"weixin://wxpay/bizpayurl?pr={trade.prepay_id[-7:]}"}
+        if kind == "h5":
+            return {"h5_url": f"{cashier_url}?prepay_id={trade.prepay_id}"}
+        return {"prepay_id": trade.prepay_id}
+
+    def close(self, out_trade_no: str) -> None:
+        """Close a trade as WeChat Pay does: a paid one cannot be; an unknown one has nothing to close."""
+        trade = self._book.get("wechat", out_trade_no)
+        if trade is None:
+            raise V3Refusal(404, "ORDER_NOT_EXIST", "订单不存在")
+        if trade.status == "paid":
+            raise V3Refusal(400, "ORDERPAID", "订单已支付")
+        trade.status, trade.closed_at = "closed", self._clock.beijing()
+
+    async def refund(
+        self,
+        *,
+        out_trade_no: str,
+        out_refund_no: str,
+        refund_fen: int,
+        total_fen: int,
+        version: WechatVersion,
+    ) -> tuple[Trade, str, Decimal]:
+        """A refund the merchant asked for: recorded, then its notice sent (before the answer,
+        which a real platform may also do; the service must cope with either order)."""
+        trade = self._book.get("wechat", out_trade_no)
+        if trade is None or trade.status != "paid":
+            raise V3Refusal(404, "RESOURCE_NOT_EXISTS", "订单不存在或未支付")
+        if total_fen != fen(trade.amount):
+            raise V3Refusal(400, "PARAM_ERROR", "订单金额 total 与原订单不一致")
+        if refund_fen <= 0:
+            raise V3Refusal(400, "PARAM_ERROR", "退款金额应为正整数（分）")
+        try:
+            refund_id, amount, new = request_refund(trade, out_refund_no, Decimal(refund_fen) / 100)
+        except RefundRefused:
+            raise V3Refusal(403, "NOT_ENOUGH", "基本账户余额不足，请充值后重新发起") from None
+        except SandboxError as exc:
+            raise V3Refusal(400, "INVALID_REQUEST", str(exc)) from None
+        if new:
+            build = (
+                self._refund_v2(trade, amount, out_refund_no, refund_id)
+                if version == "v2"
+                else self._refund_v3(trade, amount, out_refund_no, refund_id)
+            )
+            await self._notifier.deliver(
+                "wechat_v2" if version == "v2" else "wechat_v3",
+                self.default_notify_url,
+                build,
+                order_no=out_trade_no,
+                kind="refund",
+            )
+        return trade, refund_id, amount
+
+    def _refund_json(self, trade: Trade, out_refund_no: str) -> dict[str, Any]:
+        refund_id, amount = trade.refunds[out_refund_no]
+        return {
+            "refund_id": refund_id,
+            "out_refund_no": out_refund_no,
+            "transaction_id": trade.trade_no,
+            "out_trade_no": trade.out_trade_no,
+            "channel": "ORIGINAL",
+            "user_received_account": "支付用户零钱",
+            "create_time": self._clock.beijing().isoformat(timespec="seconds"),
+            # The sandbox refunds at once; its notice has already been sent.
+            "status": "SUCCESS",
+            "amount": {
+                "total": fen(trade.amount),
+                "refund": fen(amount),
+                "payer_total": fen(trade.amount),
+                "payer_refund": fen(amount),
+                "currency": "CNY",
+            },
+        }
+
+    def _refund_lookup(self, out_refund_no: str) -> Trade | None:
+        return next(
+            (t for t in self._book.trades("wechat") if out_refund_no in t.refunds),
+            None,
+        )
+
+    async def _refund_v3_call(self, data: dict[str, Any]) -> dict[str, Any]:
+        out_trade_no, out_refund_no = data.get("out_trade_no"), data.get("out_refund_no")
+        amount = data.get("amount")
+        if not (
+            isinstance(out_trade_no, str)
+            and out_trade_no
+            and isinstance(out_refund_no, str)
+            and out_refund_no
+        ):
+            raise V3Refusal(400, "PARAM_ERROR", "缺少参数 out_trade_no 或 out_refund_no")
+        if not isinstance(amount, dict):
+            raise V3Refusal(400, "PARAM_ERROR", "缺少参数 amount")
+        refund, total = amount.get("refund"), amount.get("total")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (refund, total)):
+            raise V3Refusal(400, "PARAM_ERROR", "amount.refund 与 amount.total 应为整数（分）")
+        assert isinstance(refund, int) and isinstance(total, int)
+        trade, _, _ = await self.refund(
+            out_trade_no=out_trade_no,
+            out_refund_no=out_refund_no,
+            refund_fen=refund,
+            total_fen=total,
+            version="v3",
+        )
+        return self._refund_json(trade, out_refund_no)
+
     # ------------------------------------------------------------------------------------------
     # routes
 
@@ -319,6 +585,78 @@ class WechatPayStandIn:
                 return self._v2_answer(fields, self._order_query(fields))
             except SandboxError as exc:
                 return _v2_fail(str(exc))
+
+        @router.post("/wechatpay/pay/closeorder")
+        async def closeorder(request: Request) -> Response:
+            try:
+                fields = await self._v2_request(request)
+                try:
+                    self.close(fields.get("out_trade_no", ""))
+                    payload = {"result_code": "SUCCESS"}
+                except V3Refusal as exc:
+                    payload = self._result_fail(
+                        "ORDERPAID" if exc.code == "ORDERPAID" else "ORDERNOTEXIST", exc.message
+                    )
+                return self._v2_answer(fields, payload)
+            except SandboxError as exc:
+                return _v2_fail(str(exc))
+
+        @router.post("/wechatpay/secapi/pay/refund")
+        async def refund_v2(request: Request) -> Response:
+            try:
+                fields = await self._v2_request(request)
+                return self._v2_answer(fields, await self._refund_v2_call(fields))
+            except SandboxError as exc:
+                return _v2_fail(str(exc))
+
+        @router.post("/wechatpay/pay/refundquery")
+        async def refundquery(request: Request) -> Response:
+            try:
+                fields = await self._v2_request(request)
+                return self._v2_answer(fields, self._refund_query_v2(fields))
+            except SandboxError as exc:
+                return _v2_fail(str(exc))
+
+        @router.post("/wechatpay/v3/pay/transactions/{kind}")
+        async def prepay_v3(request: Request, kind: str) -> Response:
+            try:
+                if kind not in _V3_TRADE_TYPES:
+                    raise V3Refusal(404, "NOT_FOUND", "未知的下单接口")
+                data = self._v3_json(await self._v3_request(request))
+                cashier = str(request.url_for("wechatpay_cashier"))
+                return self._v3_answer(200, self._prepay_v3(kind, data, cashier))
+            except V3Refusal as exc:
+                return self._v3_refusal(exc)
+
+        @router.post("/wechatpay/v3/pay/transactions/out-trade-no/{out_trade_no}/close")
+        async def close_v3(request: Request, out_trade_no: str) -> Response:
+            try:
+                data = self._v3_json(await self._v3_request(request))
+                if data.get("mchid") != WECHATPAY_MCH_ID:
+                    raise V3Refusal(400, "PARAM_ERROR", "mchid 必填且须与签名一致")
+                self.close(out_trade_no)
+                return self._v3_answer(204, None)
+            except V3Refusal as exc:
+                return self._v3_refusal(exc)
+
+        @router.post("/wechatpay/v3/refund/domestic/refunds")
+        async def refund_v3(request: Request) -> Response:
+            try:
+                data = self._v3_json(await self._v3_request(request))
+                return self._v3_answer(200, await self._refund_v3_call(data))
+            except V3Refusal as exc:
+                return self._v3_refusal(exc)
+
+        @router.get("/wechatpay/v3/refund/domestic/refunds/{out_refund_no}")
+        async def refund_query_v3(request: Request, out_refund_no: str) -> Response:
+            try:
+                await self._v3_request(request)
+                trade = self._refund_lookup(out_refund_no)
+                if trade is None:
+                    raise V3Refusal(404, "RESOURCE_NOT_EXISTS", "退款单不存在")
+                return self._v3_answer(200, self._refund_json(trade, out_refund_no))
+            except V3Refusal as exc:
+                return self._v3_refusal(exc)
 
         @router.get("/wechatpay/v3/certificates")
         async def certificates(request: Request) -> Response:
@@ -422,7 +760,15 @@ class WechatPayStandIn:
             build = self._payment_v2(trade) if version == "v2" else self._payment_v3(trade)
         elif kind == "refund":
             refund = trade.take_refund(refund_amount)
-            build = self._refund_v2(trade, refund) if version == "v2" else self._refund_v3(trade, refund)
+            ids = self._refund_ids(trade)
+            build = (
+                self._refund_v2(trade, refund, *ids)
+                if version == "v2"
+                else self._refund_v3(trade, refund, *ids)
+            )
+        elif kind == "fail_next_refund":
+            trade.fail_next_refund = True
+            return Outcome(kind, trade, "", [], note="the next refund request of this trade will be refused")
         elif kind == "close":
             if trade.status == "paid":
                 raise SandboxError(f"{order_no} is paid: refund it instead")
@@ -475,8 +821,9 @@ class WechatPayStandIn:
     def _refund_ids(self, trade: Trade) -> tuple[str, str]:
         return f"{trade.out_trade_no}R{trade.refund_count}", "50" + digits(27)
 
-    def _refund_v2(self, trade: Trade, refund: Decimal) -> Callable[[], Outgoing]:
-        out_refund_no, refund_id = self._refund_ids(trade)
+    def _refund_v2(
+        self, trade: Trade, refund: Decimal, out_refund_no: str, refund_id: str
+    ) -> Callable[[], Outgoing]:
         inner = {
             "out_refund_no": out_refund_no,
             "out_trade_no": trade.out_trade_no,
@@ -546,8 +893,9 @@ class WechatPayStandIn:
         }
         return self._v3_builder("TRANSACTION.SUCCESS", resource, "支付成功")
 
-    def _refund_v3(self, trade: Trade, refund: Decimal) -> Callable[[], Outgoing]:
-        out_refund_no, refund_id = self._refund_ids(trade)
+    def _refund_v3(
+        self, trade: Trade, refund: Decimal, out_refund_no: str, refund_id: str
+    ) -> Callable[[], Outgoing]:
         resource = {
             "mchid": WECHATPAY_MCH_ID,
             "out_trade_no": trade.out_trade_no,

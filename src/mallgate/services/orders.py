@@ -21,6 +21,7 @@ from mallgate.db.models import (
     Order,
     PaymentNotification,
     Refund,
+    RefundRequest,
     User,
     WalletEntry,
     table_of,
@@ -158,6 +159,8 @@ class PaymentEvent:
     refund_no: str = ""  # the platform's id of one refund, for "refund"
     refund_amount: Decimal | None = None  # that refund alone (WeChat Pay)
     refund_total: Decimal | None = None  # all refunds so far (Alipay's cumulative refund_fee)
+    # Our number of the refund request behind a refund (out_refund_no / out_request_no), if any.
+    request_no: str = ""
 
 
 @dataclass(frozen=True)
@@ -227,6 +230,16 @@ _REFUND_DUPLICATE = (
     )
     .values(refunded_amount=bindparam("new_total"))
 )
+_requests = table_of(RefundRequest)
+# A refund the state machine recorded settles the request behind it, whatever said so first.
+_SETTLE_REQUEST = (
+    update(_requests)
+    .where(
+        _requests.c.request_no == bindparam("settle_no"),
+        _requests.c.status.in_(("requesting", "pending")),
+    )
+    .values(status="succeeded", platform_refund_id=bindparam("settle_refund_id"), updated_at=bindparam("now"))
+)
 _INSERT_WALLET_ENTRY = insert(table_of(WalletEntry))
 _MOVE_BALANCE = (
     update(_users)
@@ -271,7 +284,13 @@ def _apply(conn: Connection, order: Row[Any] | None, event: PaymentEvent, now: d
     if event.action == "close":
         return _close(conn, order, now)
     if event.action == "refund":
-        return _refund(conn, order, event, now)
+        result = _refund(conn, order, event, now)
+        if event.request_no and result.accepted:
+            conn.execute(
+                _SETTLE_REQUEST,
+                {"settle_no": event.request_no, "settle_refund_id": event.refund_no[:64], "now": now},
+            )
+        return result
     return Applied(True, "ignored", "nothing to change")
 
 

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
@@ -83,6 +84,7 @@ def decode_alipay(raw: RawNotification, settings: AlipaySettings) -> PaymentEven
             action="refund",
             refund_total=notice.refund_fee,
             refund_no=notice.raw.get("out_biz_no") or notice.trade_no,
+            request_no=notice.raw.get("out_biz_no", ""),
         )
     if notice.is_paid:
         return replace(base, action="pay", amount=notice.total_amount)
@@ -111,13 +113,17 @@ def _check_cny(currency: str) -> None:
         raise MalformedNotification(f"unsupported currency {currency[:8]!r}")
 
 
-def decode_wechat_v2(raw: RawNotification, settings: WechatPaySettings) -> PaymentEvent:
+def decode_wechat_v2(
+    raw: RawNotification, settings: WechatPaySettings, app_ids: Collection[str] = ()
+) -> PaymentEvent:
+    """`app_ids`: every app id our orders may carry (Settings.wechat_pay_app_ids); default ours."""
     if not (settings.api_key and settings.mch_id):
         raise NotConfigured("WeChat Pay v2 is not configured (mch_id / api_key)")
+    app_id = app_ids or settings.app_id
     fields = wechat_pay.parse_xml(raw.body)
     if "req_info" in fields:
         refund = wechat_pay.verify_v2_refund(
-            raw.body, api_key=settings.api_key, app_id=settings.app_id, mch_id=settings.mch_id
+            raw.body, api_key=settings.api_key, app_id=app_id, mch_id=settings.mch_id
         )
         base = PaymentEvent(WECHAT, refund.out_trade_no, "none", trade_no=refund.transaction_id)
         if not refund.succeeded:
@@ -127,9 +133,10 @@ def decode_wechat_v2(raw: RawNotification, settings: WechatPaySettings) -> Payme
             action="refund",
             refund_no=refund.refund_id,
             refund_amount=fen_to_yuan(refund.refund_fee),
+            request_no=refund.out_refund_no,
         )
     payment = wechat_pay.verify_v2_payment(
-        raw.body, api_key=settings.api_key, app_id=settings.app_id, mch_id=settings.mch_id
+        raw.body, api_key=settings.api_key, app_id=app_id, mch_id=settings.mch_id
     )
     base = PaymentEvent(WECHAT, payment.out_trade_no, "none", trade_no=payment.transaction_id)
     if not payment.result_ok or payment.total_fee is None:
@@ -144,6 +151,7 @@ def decode_wechat_v3(
     keys: wechat_pay.V3KeyStore,
     now: float,
     tolerance: float = V3_TOLERANCE_SECONDS,
+    app_ids: Collection[str] = (),
 ) -> PaymentEvent:
     if not (settings.api_v3_key and settings.mch_id and keys.serials):
         raise NotConfigured("WeChat Pay v3 is not configured (mch_id / APIv3 key / public key or certs)")
@@ -153,7 +161,7 @@ def decode_wechat_v3(
             raw.body,
             keys=keys,
             api_v3_key=settings.api_v3_key,
-            app_id=settings.app_id,
+            app_id=app_ids or settings.app_id,
             mch_id=settings.mch_id,
             now=now,
             tolerance=tolerance,
@@ -169,7 +177,11 @@ def decode_wechat_v3(
         if not notice.succeeded:
             return base
         return replace(
-            base, action="refund", refund_no=notice.refund_id, refund_amount=fen_to_yuan(notice.refund)
+            base,
+            action="refund",
+            refund_no=notice.refund_id,
+            refund_amount=fen_to_yuan(notice.refund),
+            request_no=notice.out_refund_no,
         )
     if not notice.result_ok:
         return base
@@ -281,14 +293,16 @@ async def decoder_for(runtime: Runtime, raw: RawNotification, *, replay: bool = 
     if raw.channel != WECHAT:
         return _refuse(f"unknown channel {raw.channel[:16]!r}")
     if is_v2(raw.body):
-        return lambda r: decode_wechat_v2(r, settings.wechat_pay)
+        return lambda r: decode_wechat_v2(r, settings.wechat_pay, settings.wechat_pay_app_ids)
     try:
         keys = await v3_keys(runtime, raw)
     except NotConfigured as exc:
         return _refuse(f"{type(exc).__name__}: {exc}")
     tolerance = math.inf if replay else V3_TOLERANCE_SECONDS
     now = runtime.clock.now()
-    return lambda r: decode_wechat_v3(r, settings.wechat_pay, keys, now, tolerance)
+    return lambda r: decode_wechat_v3(
+        r, settings.wechat_pay, keys, now, tolerance, settings.wechat_pay_app_ids
+    )
 
 
 def claimed_order_no(raw: RawNotification) -> str | None:
@@ -308,7 +322,12 @@ async def handle(runtime: Runtime, raw: RawNotification, *, replay: bool = False
         # Whatever went wrong finding the keys, the notice is refused and kept, never a 500.
         log.warning("%s decoder unavailable: %s", raw.channel, type(exc).__name__)
         decode = _refuse(f"unexpected {type(exc).__name__}")
-    return await receive(runtime, raw, decode, claimed_order_no)
+    applied = await receive(runtime, raw, decode, claimed_order_no)
+    if applied.outcome == "duplicate" and applied.reason.endswith("refund due"):
+        from mallgate.services import refunds  # refunds builds on this module
+
+        refunds.schedule_duplicate_refunds(runtime)
+    return applied
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,24 +12,35 @@ import logging
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
+from urllib.parse import urlencode
 
 from mallgate.channels import alipay, wechat_pay
 from mallgate.channels.errors import ChannelError
 from mallgate.db.models import Order, User
 from mallgate.envelope import ApiError
+from mallgate.keys import load_private_key
 from mallgate.runtime import Runtime
 from mallgate.services import accounts, orders
 from mallgate.services.payment_decoders import ALIPAY, WECHAT, yuan_to_fen
 
 log = logging.getLogger("mallgate.pay")
 
-TRADE_TYPES = ("JSAPI", "MINI", "APP", "H5")
+TRADE_TYPES = ("JSAPI", "MINI", "APP", "H5", "NATIVE")
 # What WeChat Pay v2 calls each client kind; the Mini Program pays through JSAPI too.
 WECHAT_TRADE_TYPES: dict[str, wechat_pay.TradeType] = {
     "JSAPI": "JSAPI",
     "MINI": "JSAPI",
     "APP": "APP",
     "H5": "MWEB",
+    "NATIVE": "NATIVE",
+}
+# ... and v3, by the last part of its path.
+WECHAT_V3_TRADE_TYPES: dict[str, wechat_pay.V3TradeType] = {
+    "JSAPI": "jsapi",
+    "MINI": "jsapi",
+    "APP": "app",
+    "H5": "h5",
+    "NATIVE": "native",
 }
 ALIPAY_TRADE_TYPES = ("APP", "H5")
 
@@ -60,8 +71,8 @@ async def _payable_order(runtime: Runtime, user: User, order_no: str) -> Payable
         return Payable(order.order_no, order.amount, order.subject or "商城订单")
 
 
-async def _wechat_openid(runtime: Runtime, user: User) -> str:
-    app_id = runtime.settings.wechat_pay.app_id
+async def _wechat_openid(runtime: Runtime, user: User, app_id: str) -> str:
+    """The user's openid at `app_id`, from their logins: a client never names the payer."""
     async with runtime.db.read() as session:
         identities = await accounts.identities_of(session, user.id)
     for identity in identities:
@@ -92,12 +103,93 @@ def _alipay(runtime: Runtime, order: Payable, trade_type: str) -> dict[str, Any]
     return {"pay_url": alipay.wap_pay_url(settings, **common)}
 
 
+def _wechat_app_id(runtime: Runtime, trade_type: str) -> str:
+    app_id = runtime.settings.wechat_pay_app_id(trade_type)
+    if not app_id:
+        raise ApiError(
+            f"微信支付未配置 {trade_type} 所需的应用（AppID）",
+            "pay.trade_type_unsupported",
+            field="trade_type",
+        )
+    return app_id
+
+
 async def _wechat(runtime: Runtime, user: User, order: Payable, trade_type: str, ip: str) -> dict[str, Any]:
     settings = runtime.settings.wechat_pay
-    if not (settings.app_id and settings.mch_id and settings.api_key):
+    api = settings.order_api
+    if (
+        not settings.mch_id
+        or (api == "v2" and not settings.api_key)
+        or (api == "v3" and not settings.v3_ready)
+    ):
         raise ApiError("微信支付未配置", "wechat_pay.not_configured")
+    app_id = _wechat_app_id(runtime, trade_type)
+    openid = await _wechat_openid(runtime, user, app_id) if trade_type in ("JSAPI", "MINI") else None
+    client = wechat_pay.WechatPayClient(settings, http=runtime.http, clock=runtime.clock)
+    if api == "v3":
+        return await _wechat_v3(runtime, client, app_id, order, trade_type, ip, openid)
+    return await _wechat_v2(runtime, client, app_id, order, trade_type, ip, openid)
+
+
+async def _wechat_v3(
+    runtime: Runtime,
+    client: wechat_pay.WechatPayClient,
+    app_id: str,
+    order: Payable,
+    trade_type: str,
+    ip: str,
+    openid: str | None,
+) -> dict[str, Any]:
+    settings = runtime.settings.wechat_pay
+    kind = WECHAT_V3_TRADE_TYPES[trade_type]
+    answer = await client.prepay_v3(
+        kind,
+        app_id=app_id,
+        out_trade_no=order.order_no,
+        total=yuan_to_fen(order.amount),
+        description=order.subject,
+        notify_url=notify_url(runtime, WECHAT),
+        client_ip=ip or "127.0.0.1",
+        openid=openid,
+        wap_url=runtime.settings.public_url,
+    )
+    key = load_private_key(settings.mch_private_key)
+    clock = runtime.clock
+    if kind == "jsapi":
+        return wechat_pay.v3_jsapi_params(
+            app_id, answer["prepay_id"], key, timestamp=int(clock.now()), nonce=clock.nonce(32)
+        )
+    if kind == "app":
+        return wechat_pay.v3_app_params(
+            app_id,
+            settings.mch_id,
+            answer["prepay_id"],
+            key,
+            timestamp=int(clock.now()),
+            nonce=clock.nonce(32),
+        )
+    if kind == "h5":
+        return {"h5_url": answer["h5_url"]}
+    return _native(runtime, answer["code_url"])
+
+
+def _native(runtime: Runtime, code_url: str) -> dict[str, Any]:
+    """The code_url, and where the existing qrcode route draws it as a PNG for the cashier page."""
+    base = runtime.settings.public_url.rstrip("/") + runtime.settings.base_path
+    return {"code_url": code_url, "qr_png": f"{base}/qrcode?{urlencode({'data': code_url})}"}
+
+
+async def _wechat_v2(
+    runtime: Runtime,
+    client: wechat_pay.WechatPayClient,
+    app_id: str,
+    order: Payable,
+    trade_type: str,
+    ip: str,
+    openid: str | None,
+) -> dict[str, Any]:
+    settings = runtime.settings.wechat_pay
     kind = WECHAT_TRADE_TYPES[trade_type]
-    openid = await _wechat_openid(runtime, user) if kind == "JSAPI" else None
     scene_info = None
     if kind == "MWEB":
         # H5 payments must name the site they are made from.
@@ -105,7 +197,6 @@ async def _wechat(runtime: Runtime, user: User, order: Payable, trade_type: str,
             {"h5_info": {"type": "Wap", "wap_url": runtime.settings.public_url, "wap_name": "商城"}},
             ensure_ascii=False,
         )
-    client = wechat_pay.WechatPayClient(settings, http=runtime.http, clock=runtime.clock)
     prepay = await client.unified_order(
         out_trade_no=order.order_no,
         total_fee=yuan_to_fen(order.amount),
@@ -115,16 +206,22 @@ async def _wechat(runtime: Runtime, user: User, order: Payable, trade_type: str,
         client_ip=ip or "127.0.0.1",
         openid=openid,
         scene_info=scene_info,
+        app_id=app_id,
     )
     if kind == "JSAPI":
-        return wechat_pay.jsapi_params(settings.app_id, prepay.prepay_id, settings.api_key, runtime.clock)
+        return wechat_pay.jsapi_params(app_id, prepay.prepay_id, settings.api_key, runtime.clock)
     if kind == "APP":
         return wechat_pay.app_params(
-            settings.app_id, settings.mch_id, prepay.prepay_id, settings.api_key, runtime.clock
+            app_id, settings.mch_id, prepay.prepay_id, settings.api_key, runtime.clock
         )
+    if kind == "NATIVE":
+        if not prepay.code_url:
+            raise ApiError("微信支付未返回二维码链接，请稍后再试", "pay.channel_error")
+        return _native(runtime, prepay.code_url)
     if not prepay.mweb_url:
         raise ApiError("微信支付未返回支付链接，请稍后再试", "pay.channel_error")
-    return {"mweb_url": prepay.mweb_url}
+    # h5_url as v3 names it; mweb_url kept for clients written against v2.
+    return {"h5_url": prepay.mweb_url, "mweb_url": prepay.mweb_url}
 
 
 async def start_payment(
@@ -134,7 +231,7 @@ async def start_payment(
     if channel not in (ALIPAY, WECHAT):
         raise ApiError("channel 应为 alipay 或 wechat", "param.invalid", field="channel")
     if trade_type not in TRADE_TYPES:
-        raise ApiError("trade_type 应为 JSAPI、MINI、APP 或 H5", "param.invalid", field="trade_type")
+        raise ApiError("trade_type 应为 JSAPI、MINI、APP、H5 或 NATIVE", "param.invalid", field="trade_type")
     order = await _payable_order(runtime, user, order_no)
     try:
         if channel == ALIPAY:

@@ -20,6 +20,7 @@ from mallgate.channels import alipay, wechat_pay
 from mallgate.channels.errors import ChannelError
 from mallgate.db.models import Order
 from mallgate.runtime import Runtime
+from mallgate.services import refunds
 from mallgate.services.notifications import RawNotification, receive
 from mallgate.services.orders import Applied, PaymentEvent
 from mallgate.services.payment_decoders import ALIPAY, QUERY_METHOD, WECHAT, fen_to_yuan
@@ -50,10 +51,13 @@ class Outcome:
     state: str
     applied: Applied | None = None
     error: str = ""
+    note: str = ""  # a refund request's move, said as is
 
     def line(self) -> str:
         if self.error:
             return f"{self.order_no} {self.channel}: error: {self.error}"
+        if self.note:
+            return f"{self.order_no} {self.channel}: {self.note}"
         if self.applied is None:
             return f"{self.order_no} {self.channel}: {self.state}, nothing to change"
         reason = f" ({self.applied.reason})" if self.applied.reason else ""
@@ -156,4 +160,21 @@ async def reconcile(
             outcomes.append(Outcome(order_no, report.channel, report.state, applied))
             if applied.accepted and report.event.action == "pay":
                 break  # paid: a closure reported elsewhere no longer matters
+    outcomes.extend(await _settle_refunds(runtime))
     return outcomes
+
+
+async def _settle_refunds(runtime: Runtime) -> list[Outcome]:
+    """Refund requests still pending are asked about; second payments still owed are refunded."""
+    if runtime.settings.auto_refund_duplicates:
+        await refunds.refund_duplicates(runtime)
+    return [
+        Outcome(
+            s.order_no,
+            s.channel,
+            "refund",
+            error=s.error,
+            note=f"refund {s.request_no} {s.before} -> {s.after}",
+        )
+        for s in await refunds.settle_pending(runtime)
+    ]
