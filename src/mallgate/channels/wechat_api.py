@@ -32,6 +32,10 @@ DEFAULT_TIMEOUT: Final = 10.0
 class WechatUnavailable(ChannelError):
     """WeChat could not be reached, or answered something that is not its JSON."""
 
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status  # the HTTP status, when there was an answer
+
 
 class WechatApiError(ChannelError):
     """WeChat answered an error code."""
@@ -59,9 +63,9 @@ def _checked(path: str, response: httpx.Response) -> dict[str, Any]:
     try:
         answer = response.json()
     except ValueError as exc:
-        raise WechatUnavailable(f"{path}: HTTP {response.status_code}, not JSON") from exc
+        raise WechatUnavailable(f"{path}: HTTP {response.status_code}, not JSON", response.status_code) from exc
     if not isinstance(answer, dict):
-        raise WechatUnavailable(f"{path}: HTTP {response.status_code}, not a JSON object")
+        raise WechatUnavailable(f"{path}: HTTP {response.status_code}, not a JSON object", response.status_code)
     errcode = answer.get("errcode", 0)
     if errcode not in (0, None):
         code = errcode if isinstance(errcode, int) else -1

@@ -21,10 +21,13 @@ others) and tests can count upstream fetches across processes. Other WeChat stan
 (OAuth, the Mini Program) mount their routes on `WechatStandIn.router` or their own
 router, and check the tokens their callers present with `WechatStandIn.check_token`.
 
-Test hook: ``POST /wechat/_test/invalidate`` (JSON ``{"appid": ...}`` or
+Test hooks: ``POST /wechat/_test/invalidate`` (JSON ``{"appid": ...}`` or
 ``{"access_token": ...}``) makes tokens invalid as a forced refresh elsewhere would:
-the next call with them answers 40001. It also clears the app's forced-refresh
-window, so a test may force again at once.
+the next call with them answers 40001, and stable_token's normal mode issues a new
+one. With ``"mode": "refuse"`` the token answers 40001 but normal mode still hands
+it out (a token only ``force_refresh`` replaces). Either clears the app's
+forced-refresh window, so a test may force again at once. ``GET /wechat/_test/counts?appid=``
+gives the successful calls per endpoint.
 """
 
 from __future__ import annotations
@@ -62,6 +65,11 @@ FORCE_DAILY: Final = 20
 DAY: Final = 86400
 SECTION_ROWS: Final = 8
 _TOKEN_ALPHABET: Final = string.ascii_letters + string.digits + "_-"
+
+# tokens.revoked: 0 live; 1 dead (refused, never handed out again); 2 refused on use, but still what
+# stable_token's normal mode returns.
+REVOKED: Final = 1
+REFUSED: Final = 2
 
 # Endpoint names as counted in `fetches` and shown on the console.
 TOKEN: Final = "token"  # noqa: S105 - an endpoint name
@@ -220,7 +228,7 @@ class WechatBook:
         if forced:
             return self._forced(db, app_id, now)
         row = db.execute(
-            "SELECT token, expires_at FROM tokens WHERE app_id = ? AND kind = 'stable' AND revoked = 0"
+            "SELECT token, expires_at FROM tokens WHERE app_id = ? AND kind = 'stable' AND revoked IN (0, 2)"
             " AND expires_at > ? ORDER BY issued_at DESC LIMIT 1",
             (app_id, now + ROTATE_BEFORE),
         ).fetchone()
@@ -245,23 +253,25 @@ class WechatBook:
         db.execute("UPDATE tokens SET revoked = 1 WHERE app_id = ? AND kind = 'stable'", (app_id,))
         return self._issue(db, app_id, "stable", now)
 
-    def check_token(self, access_token: str, now: float) -> tuple[str | None, dict[str, Any] | None]:
-        """The app a token belongs to, or the error WeChat answers a call made with it."""
+    def check_token(self, access_token: str, now: float) -> tuple[str, dict[str, Any] | None]:
+        """The app a token belongs to ("" when unknown), and the error WeChat answers a call with it."""
         with closing(sqlite3.connect(self.path, timeout=30)) as db:
             row = db.execute(
                 "SELECT app_id, expires_at, revoked FROM tokens WHERE token = ?", (access_token,)
             ).fetchone()
-        if row is None or row[2]:
-            return None, error(*INVALID_CREDENTIAL)
+        if row is None:
+            return "", error(*INVALID_CREDENTIAL)
+        if row[2]:
+            return str(row[0]), error(*INVALID_CREDENTIAL)
         if row[1] <= now:
-            return None, error(*EXPIRED)
+            return str(row[0]), error(*EXPIRED)
         return str(row[0]), None
 
     def ticket(self, access_token: str, kind: str, now: float) -> dict[str, Any]:
         app_id, problem = self.check_token(access_token, now)
         with self._write() as db:
-            answer = problem or self._ticket(db, app_id or "", kind, now)
-            self._log(db, app_id or "", TICKET, answer, now)
+            answer = problem or self._ticket(db, app_id, kind, now)
+            self._log(db, app_id, TICKET, answer, now)
             return answer
 
     def _ticket(self, db: sqlite3.Connection, app_id: str, kind: str, now: float) -> dict[str, Any]:
@@ -284,23 +294,34 @@ class WechatBook:
 
     # --- for tests and the console ---
 
-    def invalidate(self, *, app_id: str = "", access_token: str = "", now: float | None = None) -> int:
+    def invalidate(
+        self, *, app_id: str = "", access_token: str = "", refuse_only: bool = False, now: float | None = None
+    ) -> int:
         """Kills the given token, or every token of the app; how many were alive."""
         now = time.time() if now is None else now
+        state = REFUSED if refuse_only else REVOKED
         with self._write() as db:
             if access_token:
                 cursor = db.execute(
-                    "UPDATE tokens SET revoked = 1 WHERE token = ? AND revoked = 0", (access_token,)
+                    "UPDATE tokens SET revoked = ? WHERE token = ? AND revoked = 0", (state, access_token)
                 )
                 row = db.execute("SELECT app_id FROM tokens WHERE token = ?", (access_token,)).fetchone()
                 app_id = row[0] if row else ""
             else:
                 cursor = db.execute(
-                    "UPDATE tokens SET revoked = 1 WHERE app_id = ? AND revoked = 0", (app_id,)
+                    "UPDATE tokens SET revoked = ? WHERE app_id = ? AND revoked = 0", (state, app_id)
                 )
             if app_id:
                 db.execute("INSERT OR REPLACE INTO force_reset (app_id, at) VALUES (?, ?)", (app_id, now))
             return cursor.rowcount
+
+    def current_ticket(self, app_id: str) -> str:
+        """The app's newest jsapi_ticket ("" when none): what a test checks a signature with."""
+        with closing(sqlite3.connect(self.path, timeout=30)) as db:
+            row = db.execute(
+                "SELECT ticket FROM tickets WHERE app_id = ? ORDER BY issued_at DESC LIMIT 1", (app_id,)
+            ).fetchone()
+        return str(row[0]) if row else ""
 
     def count(self, app_id: str, endpoint: str, *, ok_only: bool = True) -> int:
         """How many calls an app made to one endpoint (successful ones unless said otherwise)."""
@@ -351,7 +372,7 @@ class WechatStandIn:
     async def aclose(self) -> None:
         return None
 
-    def check_token(self, access_token: str) -> tuple[str | None, dict[str, Any] | None]:
+    def check_token(self, access_token: str) -> tuple[str, dict[str, Any] | None]:
         return self.book.check_token(access_token, time.time())
 
     def _routes(self) -> None:
@@ -396,6 +417,7 @@ class WechatStandIn:
                 book.invalidate,
                 app_id=str(body.get("appid", "")),
                 access_token=str(body.get("access_token", "")),
+                refuse_only=body.get("mode") == "refuse",
             )
             return JSONResponse({"invalidated": killed})
 
