@@ -9,6 +9,7 @@ implementation of WeChat's side, not against itself.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -516,8 +517,9 @@ async def test_xml_with_a_doctype_or_entities_is_refused(wechat: WeChat, mode: s
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_malformed_or_incomplete_xml_is_answered_success(
-    server: Server, wechat: WeChat, mode: str
+    server: Server, wechat: WeChat, mode: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="mallgate.wechat_mp")
     user = openid()
     for body in (
         "<xml><ToUserName>a</ToUserName>",
@@ -538,6 +540,8 @@ async def test_malformed_or_incomplete_xml_is_answered_success(
         answer = await wechat.push(body, mode)
         assert answer.status_code == 200 and answer.text == "success", (mode, body)
     assert await rows(server, "SELECT id FROM wechat_pushes WHERE from_user = :u", u=user) == []
+    logged = [r.getMessage() for r in caplog.records if r.name == "mallgate.wechat_mp"]
+    assert any("<Content> missing" in m for m in logged) and any("repeated element" in m for m in logged)
 
 
 async def test_an_encrypted_push_without_encrypt_or_with_garbage(wechat: WeChat) -> None:

@@ -66,8 +66,9 @@ def _flatten(element: Element, prefix: str) -> Iterator[tuple[str, str]]:
         name = prefix + child.tag
         if len(child):
             yield from _flatten(child, name + "/")
-        else:
-            yield name, (child.text or "").strip() if child.tag in _TRIMMED else child.text or ""
+            continue
+        value = child.text or ""
+        yield name, value.strip() if child.tag in _TRIMMED else value
 
 
 # Numbers and type names may come with whitespace around them; free text (Content) never trimmed.
@@ -344,10 +345,10 @@ def from_fields(fields: Mapping[str, str]) -> Push:
         tag: str = spec.metadata["xml"]
         raw = fields.get(tag)
         if raw is None or (raw.strip() == "" and spec.metadata["kind"] is not str):
-            if spec.metadata["required"] and cls not in (GenericMessage, GenericEvent):
-                raise MalformedPush(f"{cls.type_key or msg_type}: <{tag}> missing")
-            if spec.metadata["required"] and tag in _COMMON:
-                raise MalformedPush(f"<{tag}> missing")
+            # A generic push needs only the common fields: what else it has is unknown.
+            generic = cls in (GenericMessage, GenericEvent)
+            if spec.metadata["required"] and (not generic or tag in _COMMON):
+                raise MalformedPush(f"{cls.type_key or msg_type or 'push'}: <{tag}> missing")
             continue
         try:
             values[spec.name] = _CONVERT[spec.metadata["kind"]](raw)
