@@ -190,6 +190,12 @@ async def test_returning_user_gets_the_same_id_and_an_updated_profile(client: ht
     assert len((await admin_get_user(client, first["id"]))["identities"]) == 1
 
 
+async def test_a_nickname_with_control_characters_is_stored_without_them(client: httpx.AsyncClient) -> None:
+    # WeChat nicknames are the user's own text; NUL would break PostgreSQL's insert (a 500).
+    profile = await logged_in(client, code=await new_code(client, nickname="a\x00b\x07c 😀" + "长" * 80))
+    assert profile["nickname"] == "abc 😀" + "长" * 59
+
+
 async def test_a_unionid_learnt_later_is_recorded(client: httpx.AsyncClient) -> None:
     name = person()
     base = await logged_in(client, code=await new_code(client, name=name, scope="snsapi_base"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import threading
 import weakref
@@ -275,6 +276,29 @@ async def wechat_user(
     )
     await session.flush()
     return user, created
+
+
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _clean(text: str, limit: int) -> str:
+    # NUL breaks PostgreSQL, and no nickname needs a control character.
+    return _CONTROL.sub("", text).strip()[:limit]
+
+
+def update_wechat_profile(user: User, *, nickname: str = "", avatar: str = "", sex: int = 0) -> None:
+    """WeChat's current profile over the stored one; what WeChat leaves empty is kept.
+
+    sex 0 is WeChat's "unknown", what it answers for everyone since late 2021: it never
+    overwrites a known one. An avatar that is not an http(s) URL is ignored.
+    """
+    nickname, avatar = _clean(nickname, 64), _clean(avatar, 512)
+    if nickname:
+        user.nickname = nickname
+    if avatar.startswith(("https://", "http://")):
+        user.avatar = avatar
+    if sex in (1, 2):
+        user.sex = sex
 
 
 async def _user_of_unionid(session: AsyncSession, unionid: str) -> User | None:

@@ -296,25 +296,6 @@ async def _userinfo(client: WechatOAuth, grant: Grant) -> UserInfo | None:
         return None
 
 
-_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def _clean(text: str, limit: int) -> str:
-    return _CONTROL.sub("", text).strip()[:limit]
-
-
-def _apply_profile(user: User, info: UserInfo) -> None:
-    """WeChat's current profile over the stored one; what WeChat leaves empty is kept."""
-    nickname = _clean(info.nickname, 64)
-    avatar = _clean(info.headimgurl, 512)
-    if nickname:
-        user.nickname = nickname
-    if avatar.startswith(("https://", "http://")):
-        user.avatar = avatar
-    if info.sex in (1, 2):  # 0 is "unknown", what WeChat answers everyone since 2021
-        user.sex = info.sex
-
-
 async def _login_new(
     runtime: Runtime,
     settings: WechatMpSettings,
@@ -338,7 +319,7 @@ async def _login_new(
             spread_id=spread_id,
         )
         if info is not None:
-            _apply_profile(user, info)
+            accounts.update_wechat_profile(user, nickname=info.nickname, avatar=info.headimgurl, sex=info.sex)
         profile = await accounts.login(runtime, session, user, ip)
         await _remember(session, key, user.id, state, now)
     scopes = ",".join(sorted(grant.scopes))
