@@ -147,6 +147,14 @@ class WechatPaySettings(BaseModel):
     mch_private_key: str = ""
     mch_serial_no: SerialNo = ""
     api_base: HttpUrl = "https://api.mch.weixin.qq.com"
+    # Which API creates, refunds and closes orders. auto: APIv3 when its credentials are all
+    # set (merchant key, serial, APIv3 key, WeChat Pay's key), else v2; merchants who joined
+    # since 2024 have APIv3 only, older ones may hold just the v2 key.
+    api_version: Literal["auto", "v3", "v2"] = "auto"
+    # v2 refunds (secapi) are made over TLS with the merchant's API client certificate: the
+    # paths of apiclient_cert.pem and apiclient_key.pem (empty: the key is in the cert file).
+    api_client_cert: str = Field("", description="v2 refunds: path of apiclient_cert.pem")
+    api_client_key: str = Field("", description="v2 refunds: path of apiclient_key.pem")
 
     _pub = field_validator("public_key")(classmethod(lambda cls, v: _check_public_key(v)))
     _priv = field_validator("mch_private_key")(classmethod(lambda cls, v: _check_private_key(v)))
@@ -399,6 +407,9 @@ class Settings(BaseSettings):
         description="the zone of every time the API shows (YYYY-MM-DD HH:MM:SS, no marker); stored: UTC",
     )
     recharge_max: Decimal = Field(Decimal("50000.00"), gt=0)
+    auto_refund_duplicates: bool = Field(
+        True, description="refund a second payment of a paid order (order.paid_twice) automatically"
+    )
     # The disk (mallgate.disk, mallgate.metrics).
     metrics_dir: Path | None = Field(
         None,

@@ -264,7 +264,7 @@ class AlipayStandIn:
         except SandboxError as exc:
             return self._signed(method, self._business_failed("ACQ.REFUND_AMT_NOT_EQUAL_TOTAL", str(exc)))
         now = self._clock.beijing()
-        if new:
+        if new and request_no not in trade.silent_refunds:
             trade.notify_id = secrets.token_hex(16)
             await self._notifier.deliver(
                 "alipay",
@@ -447,9 +447,10 @@ class AlipayStandIn:
             refund = trade.take_refund(refund_amount)
             trade.notify_id = secrets.token_hex(16)
             fields = self._refund_fields(trade, f"{order_no}R{trade.refund_count}", now)
-        elif kind == "fail_next_refund":
-            trade.fail_next_refund = True
-            return Outcome(kind, trade, "", [], note="the next refund request of this trade will be refused")
+        elif kind in ("fail_next_refund", "silence_next_refund"):
+            trade.next_refund = "fail" if kind == "fail_next_refund" else "silent"
+            what = "refused" if kind == "fail_next_refund" else "made without a notice"
+            return Outcome(kind, trade, "", [], note=f"the next refund request of this trade will be {what}")
         elif kind == "close":
             if trade.status == "paid":
                 raise SandboxError(f"{order_no} is paid: refund it instead")

@@ -48,8 +48,9 @@ class PayRequest(BaseModel):
     amount: str | None = None
     wechat_version: Literal["v2", "v3"] = "v2"
     duplicates: int = Field(0, ge=0, le=MAX_DUPLICATES)
-    # fail_next_refund: the platform refuses the next refund the service asks for, on purpose.
-    kind: Literal["pay", "refund", "close", "fail_next_refund"] = "pay"
+    # fail_next_refund: the platform refuses the next refund the service asks for, on purpose;
+    # silence_next_refund: makes it but sends no notice (WeChat Pay answers PROCESSING).
+    kind: Literal["pay", "refund", "close", "fail_next_refund", "silence_next_refund"] = "pay"
     refund_amount: str | None = None
     # false: the platform records the change but its notice never arrives (for trying reconcile).
     notify: bool = True

@@ -84,7 +84,10 @@ class Trade:
     events: list[str] = field(default_factory=list)
     # Refunds the merchant asked for, by its request number: (platform refund id, amount).
     refunds: dict[str, tuple[str, Decimal]] = field(default_factory=dict)
-    fail_next_refund: bool = False  # set from the console: the next refund request is refused
+    # Set from the console: the next refund request is refused ("fail"), or made but its notice
+    # never sent and the answer left PROCESSING ("silent"), for trying `mallgate reconcile`.
+    next_refund: Literal["", "fail", "silent"] = ""
+    silent_refunds: set[str] = field(default_factory=set)
 
     @property
     def fully_refunded(self) -> bool:
@@ -126,12 +129,15 @@ def request_refund(trade: Trade, request_no: str, amount: Decimal) -> tuple[str,
     known = trade.refunds.get(request_no)
     if known is not None:
         return known[0], known[1], False
-    if trade.fail_next_refund:
-        trade.fail_next_refund = False
+    if trade.next_refund == "fail":
+        trade.next_refund = ""
         raise RefundRefused("refused on purpose from the sandbox console")
     refund = trade.take_refund(amount)
     refund_id = "50" + digits(27)
     trade.refunds[request_no] = (refund_id, refund)
+    if trade.next_refund == "silent":
+        trade.next_refund = ""
+        trade.silent_refunds.add(request_no)
     return refund_id, refund, True
 
 

@@ -496,7 +496,7 @@ class WechatPayStandIn:
             raise V3Refusal(403, "NOT_ENOUGH", "基本账户余额不足，请充值后重新发起") from None
         except SandboxError as exc:
             raise V3Refusal(400, "INVALID_REQUEST", str(exc)) from None
-        if new:
+        if new and out_refund_no not in trade.silent_refunds:
             build = (
                 self._refund_v2(trade, amount, out_refund_no, refund_id)
                 if version == "v2"
@@ -521,8 +521,9 @@ class WechatPayStandIn:
             "channel": "ORIGINAL",
             "user_received_account": "支付用户零钱",
             "create_time": self._clock.beijing().isoformat(timespec="seconds"),
-            # The sandbox refunds at once; its notice has already been sent.
-            "status": "SUCCESS",
+            # The sandbox refunds at once and has sent its notice; a silenced one stays PROCESSING
+            # until it is queried (GET .../refunds/{out_refund_no}).
+            "status": "PROCESSING" if out_refund_no in trade.silent_refunds else "SUCCESS",
             "amount": {
                 "total": fen(trade.amount),
                 "refund": fen(amount),
@@ -654,6 +655,7 @@ class WechatPayStandIn:
                 trade = self._refund_lookup(out_refund_no)
                 if trade is None:
                     raise V3Refusal(404, "RESOURCE_NOT_EXISTS", "退款单不存在")
+                trade.silent_refunds.discard(out_refund_no)  # asked about: done, as it always was
                 return self._v3_answer(200, self._refund_json(trade, out_refund_no))
             except V3Refusal as exc:
                 return self._v3_refusal(exc)
@@ -766,9 +768,10 @@ class WechatPayStandIn:
                 if version == "v2"
                 else self._refund_v3(trade, refund, *ids)
             )
-        elif kind == "fail_next_refund":
-            trade.fail_next_refund = True
-            return Outcome(kind, trade, "", [], note="the next refund request of this trade will be refused")
+        elif kind in ("fail_next_refund", "silence_next_refund"):
+            trade.next_refund = "fail" if kind == "fail_next_refund" else "silent"
+            what = "refused" if kind == "fail_next_refund" else "made without a notice"
+            return Outcome(kind, trade, "", [], note=f"the next refund request of this trade will be {what}")
         elif kind == "close":
             if trade.status == "paid":
                 raise SandboxError(f"{order_no} is paid: refund it instead")
