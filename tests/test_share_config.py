@@ -168,7 +168,7 @@ async def test_without_the_sandbox_and_no_official_account_not_configured(server
 
 
 async def test_wechat_refusing_the_credentials_is_a_clear_failure(server: Server) -> None:
-    # The sandbox stays off (credentials given); the secret is not the stand-in's: 40125.
+    # The sandbox stays off (credentials given); the secret is not the stand-in's: 40001.
     settings = {
         "sandbox": None,
         "wechat_mp": {"app_id": WECHAT_MP_APP_ID, "app_secret": "0" * 32},
@@ -177,4 +177,4 @@ async def test_wechat_refusing_the_credentials_is_a_clear_failure(server: Server
     async with other_server(server, **settings) as other:
         await cold_cache(server)
         body = await share(other, url="https://shop.example.com/")
-    assert body["status"] == 0 and body["code"] == "wechat.api_error" and body["errcode"] == 40125
+    assert body["status"] == 0 and body["code"] == "wechat.api_error" and body["errcode"] == 40001

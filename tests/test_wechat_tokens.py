@@ -347,7 +347,10 @@ async def test_the_standin_answers_as_wechat(server: Server, client: httpx.Async
         return caught.value.errcode
 
     assert await code(api.stable_token("wx00000000000000ff", secret)) == 40013
-    assert await code(api.stable_token(WECHAT_MP_APP_ID, "0" * 32)) == 40125
+    assert await code(api.stable_token(WECHAT_MP_APP_ID, "not-a-secret")) == 40125
+    # A well-formed but wrong secret: 40001, as getAccessToken's reference says.
+    assert await code(api.stable_token(WECHAT_MP_APP_ID, "0" * 32)) == 40001
+    assert await code(api.classic_token(WECHAT_MP_APP_ID, "0" * 32)) == 40001
     assert await code(api.classic_token("wx00000000000000ff", secret)) == 40013
     assert await code(api.jsapi_ticket("not-a-token")) == 40001
     refused = await client.post(
@@ -364,10 +367,22 @@ async def test_the_standin_answers_as_wechat(server: Server, client: httpx.Async
     classic = await api.classic_token(WECHAT_MP_APP_ID, secret)
     assert one.value == two.value != classic.value and 300 < two.expires_in <= 7200
     assert (await api.jsapi_ticket(classic.value)).value
-    # Forced: a new token, the previous one dead at once; a second force within 30 s: 45011.
+    # Forced: a new token, the previous one dead at once; a second force within 30 s refreshes nothing.
     forced = await api.stable_token(WECHAT_MP_APP_ID, secret, force_refresh=True)
     assert forced.value != one.value
     assert await code(api.jsapi_ticket(one.value)) == 40001
-    assert await code(api.stable_token(WECHAT_MP_APP_ID, secret, force_refresh=True)) == 45011
+    assert (await api.stable_token(WECHAT_MP_APP_ID, secret, force_refresh=True)).value == forced.value
+    assert (await api.jsapi_ticket(forced.value)).value
     await invalidate(client, appid=WECHAT_MP_APP_ID)  # and the window is cleared for later tests
     assert TOKEN in counts(server)
+
+
+async def test_the_console_shows_the_wechat_api_traffic(server: Server, client: httpx.AsyncClient) -> None:
+    await cold_cache(server)
+    await manager(server).access_token(oa_app(server))
+    page = await client.get(f"{MOUNT}/")
+    assert page.status_code == 200
+    assert "WeChat API" in page.text and "stable_token" in page.text and WECHAT_MP_APP_ID in page.text
+    # Tokens are shown cut short, never whole.
+    token = await stored(server, token_key(WECHAT_MP_APP_ID))
+    assert token is not None and token.value not in page.text

@@ -4,13 +4,18 @@ It answers as api.weixin.qq.com does (HTTP 200, ``{"errcode", "errmsg"}`` with a
 ``rid`` suffix on errors), for the sandbox's three apps (Official Account, Mini
 Program, APP), all with the sandbox's app secret:
 
+- Credentials: an unknown appid answers 40013; a secret that is not 32 hex digits 40125
+  (invalid appsecret); a well-formed but wrong one 40001, as the getAccessToken
+  reference lists it ("AppSecret错误").
 - ``GET cgi-bin/token``: a new token on every call; the previous one keeps working for
   5 minutes (WeChat's grace window). 2000 a day per app, then 45009.
 - ``POST cgi-bin/stable_token`` (JSON only, else 47001): normal mode returns the same
   token until its last 5 minutes, then a new one (the old one lives out its time);
-  ``force_refresh: true`` kills the current token at once and issues a new one, at
-  most once per 30 s (45011) and 20 times a day (45009) per app. Classic and stable
+  ``force_refresh: true`` kills the current token at once and issues a new one, 20
+  times a day per app (then 45009); a forced call within 30 s of the last one does
+  not refresh (WeChat's rule) and returns the current token. Classic and stable
   tokens are separate, as at WeChat: neither call invalidates the other's tokens.
+  10,000 calls a minute per app, then 45011.
 - ``GET cgi-bin/ticket/getticket?access_token&type=jsapi``: the app's jsapi_ticket (the
   same one until its last 5 minutes); 40001 for a token that is unknown or was
   invalidated, 42001 for one that expired.
@@ -35,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 import secrets
 import sqlite3
 import string
@@ -62,6 +68,7 @@ GRACE: Final = 300
 CLASSIC_DAILY: Final = 2000
 FORCE_INTERVAL: Final = 30
 FORCE_DAILY: Final = 20
+STABLE_PER_MINUTE: Final = 10000
 DAY: Final = 86400
 SECTION_ROWS: Final = 8
 _TOKEN_ALPHABET: Final = string.ascii_letters + string.digits + "_-"
@@ -76,6 +83,9 @@ TOKEN: Final = "token"  # noqa: S105 - an endpoint name
 STABLE: Final = "stable_token"
 STABLE_FORCED: Final = "stable_token_forced"
 TICKET: Final = "getticket"
+
+
+_SECRET_SHAPE: Final = re.compile(r"[0-9a-fA-F]{32}")
 
 
 def _rid() -> str:
@@ -153,8 +163,10 @@ class WechatBook:
         expected = self.apps.get(app_id)
         if expected is None:
             return INVALID_APPID
-        if not hmac.compare_digest(secret.encode(), expected.encode()):
+        if not _SECRET_SHAPE.fullmatch(secret):
             return INVALID_SECRET
+        if not hmac.compare_digest(secret.encode(), expected.encode()):
+            return INVALID_CREDENTIAL
         return None
 
     @staticmethod
@@ -225,16 +237,29 @@ class WechatBook:
             return error(*INVALID_GRANT)
         if problem := self._app_problem(app_id, str(body.get("secret", ""))):
             return error(*problem)
+        (last_minute,) = db.execute(
+            "SELECT COUNT(*) FROM calls WHERE app_id = ? AND endpoint IN (?, ?) AND at > ?",
+            (app_id, STABLE, STABLE_FORCED, now - 60),
+        ).fetchone()
+        if last_minute >= STABLE_PER_MINUTE:
+            return error(*MINUTE_QUOTA)
         if forced:
             return self._forced(db, app_id, now)
+        return self._current_stable(db, app_id, now, before=ROTATE_BEFORE) or self._issue(
+            db, app_id, "stable", now
+        )
+
+    @staticmethod
+    def _current_stable(
+        db: sqlite3.Connection, app_id: str, now: float, before: float = 0
+    ) -> dict[str, Any] | None:
+        """The app's newest stable token still valid `before` seconds from now (refused ones included)."""
         row = db.execute(
             "SELECT token, expires_at FROM tokens WHERE app_id = ? AND kind = 'stable' AND revoked IN (0, 2)"
             " AND expires_at > ? ORDER BY issued_at DESC LIMIT 1",
-            (app_id, now + ROTATE_BEFORE),
+            (app_id, now + before),
         ).fetchone()
-        if row is not None:
-            return {"access_token": row[0], "expires_in": int(row[1] - now)}
-        return self._issue(db, app_id, "stable", now)
+        return {"access_token": row[0], "expires_in": int(row[1] - now)} if row is not None else None
 
     def _forced(self, db: sqlite3.Connection, app_id: str, now: float) -> dict[str, Any]:
         reset = db.execute("SELECT at FROM force_reset WHERE app_id = ?", (app_id,)).fetchone()
@@ -249,7 +274,8 @@ class WechatBook:
         if len(forced) >= FORCE_DAILY:
             return error(*DAILY_QUOTA)
         if forced and now - max(forced) < FORCE_INTERVAL:
-            return error(*MINUTE_QUOTA)
+            # "请保证调用时间隔至少为30s，否则不会刷新": the current token, not refreshed.
+            return self._current_stable(db, app_id, now) or self._issue(db, app_id, "stable", now)
         db.execute("UPDATE tokens SET revoked = 1 WHERE app_id = ? AND kind = 'stable'", (app_id,))
         return self._issue(db, app_id, "stable", now)
 
