@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
+import time
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import httpx
@@ -180,3 +184,129 @@ def test_the_app_id_follows_the_trade_type() -> None:
         "wx00000000000000d4",
     ]
     assert settings.wechat_pay_app_ids == {"wx00000000000000a1", "wx00000000000000b2", "wx00000000000000d4"}
+
+
+# ---------------------------------------------------------------------------------------------
+# cross-checked with wechatpayv3 (minibear2021/wechatpayv3, a test-only dependency)
+
+
+def official_client(server: Server, pay_type: Any) -> Any:
+    """wechatpayv3's client with the sandbox merchant's credentials, pointed at the stand-in."""
+    from wechatpayv3 import WeChatPay
+
+    pay = effective(server).wechat_pay
+    keys = SandboxKeys.load_or_create(server.settings.var_dir / "sandbox")
+    client = WeChatPay(
+        wechatpay_type=pay_type,
+        mchid=pay.mch_id,
+        private_key=keys.wechatpay_merchant_private,
+        cert_serial_no=pay.mch_serial_no,
+        appid=pay.app_id,
+        apiv3_key=pay.api_v3_key,
+        notify_url=server.url + "/wechat/notify",
+        public_key=pay.public_key,
+        public_key_id=pay.public_key_id,
+    )
+    client._core._gate_way = server.url + "/_sandbox/wechatpay"  # the SDK has no setting for it
+    return client
+
+
+async def test_what_wechatpayv3_signs_the_standin_accepts_and_its_answers_verify(
+    client: httpx.AsyncClient, server: Server
+) -> None:
+    from wechatpayv3 import WeChatPayType
+
+    no = (await admin_create_order(client, amount="2.00"))["order_no"]
+    official = official_client(server, WeChatPayType.NATIVE)
+    # requests is synchronous and the service runs on this loop: the SDK gets a thread.
+    code, message = await asyncio.to_thread(
+        official.pay,
+        description="测试商品",
+        out_trade_no=no,
+        amount={"total": 200},
+        scene_info={"payer_client_ip": "127.0.0.1"},
+    )
+    # 200 only once the stand-in accepted the SDK's Authorization and the SDK verified the answer.
+    assert code == 200, message
+    assert json.loads(message)["code_url"].startswith("weixin://wxpay/")
+    assert standin_trade(server, no) == (effective(server).wechat_pay.app_id, "NATIVE")
+
+    # Its refund and close calls, too.
+    paid = await client.post(
+        "/_sandbox/pay", json={"channel": "wechat", "order_no": no, "wechat_version": "v3"}
+    )
+    assert paid.json()["status"] == 1
+    code, message = await asyncio.to_thread(
+        official.refund,
+        out_refund_no="SDK" + no,
+        amount={"refund": 50, "total": 200, "currency": "CNY"},
+        out_trade_no=no,
+    )
+    assert code == 200 and json.loads(message)["out_refund_no"] == "SDK" + no, message
+    other = (await admin_create_order(client, amount="1.00"))["order_no"]
+    await asyncio.to_thread(
+        official.pay,
+        description="x",
+        out_trade_no=other,
+        amount={"total": 100},
+        scene_info={"payer_client_ip": "127.0.0.1"},
+    )
+    code, _ = await asyncio.to_thread(official.close, out_trade_no=other)
+    assert code == 204
+
+
+def test_what_we_sign_wechatpayv3_signs_alike_and_verifies(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from wechatpayv3 import WeChatPayType, utils
+
+    pay = effective(server).wechat_pay
+    official = official_client(server, WeChatPayType.JSAPI)
+    keys = SandboxKeys.load_or_create(server.settings.var_dir / "sandbox")
+    body = json.dumps({"appid": pay.app_id, "amount": {"total": 1}})
+    # The SDK takes the time itself: hold it still so both sign the very same message.
+    monkeypatch.setattr(utils.time, "time", lambda: 1700000000.5)
+    theirs = utils.build_authorization(
+        "/v3/pay/transactions/jsapi",
+        "POST",
+        pay.mch_id,
+        pay.mch_serial_no,
+        official._core._private_key,
+        data=body,
+        nonce_str="N0NCE",
+    )
+    ours = wechat_pay.v3_authorization(
+        "POST",
+        "/v3/pay/transactions/jsapi",
+        body,
+        mch_id=pay.mch_id,
+        serial_no=pay.mch_serial_no,
+        private_key=keys.wechatpay_merchant_private,
+        timestamp=1700000000,
+        nonce="N0NCE",
+    )
+    assert ours == theirs  # RSA PKCS#1 v1.5 is deterministic: the same message, the same signature
+
+    # The client parameters: the SDK's own sign of appId, timeStamp, nonceStr, package.
+    params = wechat_pay.v3_jsapi_params(
+        pay.app_id, "wx123", keys.wechatpay_merchant_private, timestamp=1700000000, nonce="abc"
+    )
+    assert params["paySign"] == official.sign([pay.app_id, "1700000000", "abc", "prepay_id=wx123"])
+    app = wechat_pay.v3_app_params(
+        pay.app_id, pay.mch_id, "wx123", keys.wechatpay_merchant_private, timestamp=1700000000, nonce="abc"
+    )
+    assert app["sign"] == official.sign([pay.app_id, "1700000000", "abc", "wx123"])
+
+    # A notice signed and sealed as the stand-in (and WeChat Pay) does: the SDK verifies and opens it.
+    platform = SandboxKeys.load_or_create(server.settings.var_dir / "sandbox").wechatpay_platform_private
+    headers, notice = wechat_pay.sign_v3_notification(
+        "REFUND.SUCCESS",
+        {"mchid": pay.mch_id, "out_trade_no": "T1", "out_refund_no": "R1", "refund_status": "SUCCESS"},
+        private_key=platform,
+        serial=pay.public_key_id,
+        api_v3_key=pay.api_v3_key,
+        now=time.time(),
+        nonce="n" * 16,
+    )
+    opened = official.callback(headers, notice)
+    assert opened and opened["resource"]["out_refund_no"] == "R1"

@@ -400,7 +400,7 @@ class WechatPayClient(PlatformClient):
         url = httpx.URL(f"{self._base}{path}")
         authorization = v3_authorization(
             "GET",
-            url.raw_path.decode("ascii"),
+            _signed_path(url, self._base),
             b"",
             mch_id=settings.mch_id,
             serial_no=settings.mch_serial_no,
@@ -473,7 +473,7 @@ class WechatPayClient(PlatformClient):
         url = httpx.URL(f"{self._base}{path}")
         authorization = v3_authorization(
             method,
-            url.raw_path.decode("ascii"),
+            _signed_path(url, self._base),
             body,
             mch_id=settings.mch_id,
             serial_no=settings.mch_serial_no,
@@ -597,6 +597,17 @@ def _refund_answer(answer: Any, out_refund_no: str) -> RefundAnswer:
         refund if isinstance(refund, int) and not isinstance(refund, bool) else None,
         answer,
     )
+
+
+def _signed_path(url: httpx.URL, base: str) -> str:
+    """The URL as WeChat Pay signs it: path and query from its API root (``/v3/...``).
+
+    ``api_base`` may carry a path of its own (a forward proxy, the sandbox's mount); that part
+    never reaches WeChat Pay, so it is not signed, as the official SDKs sign only ``/v3/...``.
+    """
+    prefix = httpx.URL(base).raw_path.rstrip(b"/")
+    raw = url.raw_path
+    return (raw[len(prefix) :] if prefix and raw.startswith(prefix) else raw).decode("ascii")
 
 
 def _v3_code(response: httpx.Response) -> str:

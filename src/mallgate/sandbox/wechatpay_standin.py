@@ -126,6 +126,16 @@ def platform_certificate(
     return cert
 
 
+def _signed_url(request: Request) -> str:
+    """What the merchant signed: the path from WeChat Pay's root (``/v3/...``) and the query,
+    as the request arrived; the sandbox's own mount in front of it is not WeChat Pay's."""
+    raw_path: bytes = request.scope.get("raw_path") or request.url.path.encode()
+    start = raw_path.find(b"/v3/")
+    path = raw_path[start:] if start >= 0 else raw_path
+    query: bytes = request.scope.get("query_string", b"")
+    return path.decode("latin-1") + ("?" + query.decode("latin-1") if query else "")
+
+
 def _v2_fail(message: str) -> Response:
     # Transport-level refusals carry no signature, as WeChat's own do.
     return Response(to_xml({"return_code": "FAIL", "return_msg": message}), media_type=_XML)
@@ -331,9 +341,7 @@ class WechatPayStandIn:
     # v3
 
     def _certificates(self, request: Request) -> Response:
-        raw_path: bytes = request.scope.get("raw_path") or request.url.path.encode()
-        query: bytes = request.scope.get("query_string", b"")
-        url = raw_path.decode("latin-1") + ("?" + query.decode("latin-1") if query else "")
+        url = _signed_url(request)
         try:
             fields = verify_v3_authorization(
                 request.headers.get("authorization", ""),
@@ -363,9 +371,7 @@ class WechatPayStandIn:
         body = await request.body()
         if len(body) > _BODY_LIMIT:
             raise V3Refusal(400, "PARAM_ERROR", "请求过大")
-        raw_path: bytes = request.scope.get("raw_path") or request.url.path.encode()
-        query: bytes = request.scope.get("query_string", b"")
-        url = raw_path.decode("latin-1") + ("?" + query.decode("latin-1") if query else "")
+        url = _signed_url(request)
         try:
             fields = verify_v3_authorization(
                 request.headers.get("authorization", ""),
