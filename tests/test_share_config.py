@@ -6,11 +6,12 @@ from typing import Any
 
 import httpx
 import pytest
-from test_wechat_tokens import STABLE, TICKET, cold_cache, counts, delta, standin
+from test_wechat_tokens import cold_cache, counts, delta, standin
 
 from conftest import Server, other_server
 from mallgate.channels.wechat_api import PageUrlRefused, jsapi_signature, jsapi_string, normalize_page_url
 from mallgate.sandbox.app import WECHAT_MP_APP_ID
+from mallgate.sandbox.wechat_standin import STABLE, TICKET
 from mallgate.settings import DEFAULT_JS_API_LIST
 
 # The JS-SDK document's example (附录1), and the signature it gives.
@@ -169,7 +170,7 @@ async def test_without_the_sandbox_and_no_official_account_not_configured(server
 
 async def test_wechat_refusing_the_credentials_is_a_clear_failure(server: Server) -> None:
     # The sandbox stays off (credentials given); the secret is not the stand-in's: 40001.
-    settings = {
+    settings: dict[str, Any] = {
         "sandbox": None,
         "wechat_mp": {"app_id": WECHAT_MP_APP_ID, "app_secret": "0" * 32},
         "wechat": {"api_base": f"{server.url}/_sandbox/wechat"},
