@@ -554,6 +554,36 @@ class WechatPayClient(PlatformClient):
             raise WechatPayApiError(f"{kind} answer without {wanted}")
         return {wanted: value}
 
+    async def order_query_v3(self, out_trade_no: str) -> V2OrderQuery:
+        """``GET .../out-trade-no/{no}?mchid=``: the same verified answer as v2's orderquery."""
+        path = (
+            f"/v3/pay/transactions/out-trade-no/{quote(out_trade_no, safe='')}?mchid={self._settings.mch_id}"
+        )
+        try:
+            _, answer = await self._call_v3("GET", path)
+        except WechatPayApiError as exc:
+            if exc.code != "ORDER_NOT_EXIST":
+                raise
+            answer = {"trade_state": "NOT_EXIST"}
+        if not isinstance(answer, dict):
+            raise WechatPayApiError("order query answer is not an object")
+        amount = answer.get("amount")
+        total = amount.get("total") if isinstance(amount, dict) else None
+        if total is not None and (not isinstance(total, int) or isinstance(total, bool) or total < 0):
+            raise MalformedNotification("amount.total is not an amount in fen")
+        if answer.get("trade_state") == "SUCCESS" and (amount or {}).get("currency", "CNY") != "CNY":
+            raise MalformedNotification("unsupported currency")
+        return V2OrderQuery(
+            out_trade_no=str(answer.get("out_trade_no", out_trade_no)),
+            transaction_id=str(answer.get("transaction_id", "")),
+            trade_state=str(answer.get("trade_state", "")),
+            trade_state_desc=str(answer.get("trade_state_desc", "")),
+            total_fee=total,
+            time_end=str(answer.get("success_time", "")),
+            raw={k: str(v) for k, v in answer.items()},
+            _seal=_SEAL,
+        )
+
     async def close_v3(self, out_trade_no: str) -> None:
         """``POST .../out-trade-no/{no}/close``: 204 when closed; WechatPayApiError (ORDERPAID, ...) else."""
         path = f"/v3/pay/transactions/out-trade-no/{quote(out_trade_no, safe='')}/close"

@@ -469,6 +469,32 @@ class WechatPayStandIn:
             return {"h5_url": f"{cashier_url}?prepay_id={trade.prepay_id}"}
         return {"prepay_id": trade.prepay_id}
 
+    def _order_query_v3(self, out_trade_no: str) -> dict[str, Any]:
+        trade = self._book.get("wechat", out_trade_no)
+        if trade is None:
+            raise V3Refusal(404, "ORDER_NOT_EXIST", "订单不存在")
+        state = {"pending": "NOTPAY", "closed": "CLOSED"}.get(trade.status, "SUCCESS")
+        if trade.status == "paid" and trade.refunded > 0:
+            state = "REFUND"
+        answer: dict[str, Any] = {
+            "appid": trade.appid or WECHAT_MINI_APP_ID,
+            "mchid": WECHATPAY_MCH_ID,
+            "out_trade_no": trade.out_trade_no,
+            "trade_state": state,
+            "trade_state_desc": {"NOTPAY": "订单未支付", "CLOSED": "订单已关闭"}.get(state, "支付成功"),
+            "amount": {"total": fen(trade.amount), "currency": "CNY"},
+        }
+        if trade.status == "paid":
+            answer |= {
+                "transaction_id": trade.trade_no,
+                "trade_type": trade.trade_type or "JSAPI",
+                "bank_type": "OTHERS",
+                "success_time": (trade.paid_at or self._clock.beijing()).isoformat(timespec="seconds"),
+                "payer": {"openid": self._openid(trade)},
+            }
+            answer["amount"] |= {"payer_total": fen(trade.amount), "payer_currency": "CNY"}
+        return answer
+
     def close(self, out_trade_no: str) -> None:
         """Close a trade as WeChat Pay does: a paid one cannot be; an unknown one has nothing to close."""
         trade = self._book.get("wechat", out_trade_no)
@@ -632,6 +658,16 @@ class WechatPayStandIn:
                 data = self._v3_json(await self._v3_request(request))
                 cashier = str(request.url_for("wechatpay_cashier"))
                 return self._v3_answer(200, self._prepay_v3(kind, data, cashier))
+            except V3Refusal as exc:
+                return self._v3_refusal(exc)
+
+        @router.get("/wechatpay/v3/pay/transactions/out-trade-no/{out_trade_no}")
+        async def query_v3(request: Request, out_trade_no: str, mchid: str = "") -> Response:
+            try:
+                await self._v3_request(request)
+                if mchid != WECHATPAY_MCH_ID:
+                    raise V3Refusal(400, "PARAM_ERROR", "mchid 必填且须与签名一致")
+                return self._v3_answer(200, self._order_query_v3(out_trade_no))
             except V3Refusal as exc:
                 return self._v3_refusal(exc)
 

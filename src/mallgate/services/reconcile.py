@@ -70,7 +70,7 @@ def configured_channels(runtime: Runtime) -> list[str]:
     if settings.alipay.configured and settings.alipay.private_key:
         found.append(ALIPAY)
     pay = settings.wechat_pay
-    if pay.app_id and pay.mch_id and pay.api_key:
+    if (pay.order_api == "v3" and pay.v3_ready) or (pay.app_id and pay.mch_id and pay.api_key):
         found.append(WECHAT)
     return found
 
@@ -87,8 +87,12 @@ async def _ask_alipay(runtime: Runtime, order_no: str) -> Report:
 
 
 async def _ask_wechat(runtime: Runtime, order_no: str) -> Report:
-    client = wechat_pay.WechatPayClient(runtime.settings.wechat_pay, http=runtime.http, clock=runtime.clock)
-    result = await client.order_query(order_no)
+    settings = runtime.settings.wechat_pay
+    client = wechat_pay.WechatPayClient(settings, http=runtime.http, clock=runtime.clock)
+    # v3 for the merchants it is configured for (some have no v2 key at all).
+    result = await (
+        client.order_query_v3(order_no) if settings.order_api == "v3" else client.order_query(order_no)
+    )
     event: PaymentEvent | None = None
     if result.paid and result.total_fee is not None:
         amount = fen_to_yuan(result.total_fee)
