@@ -248,3 +248,16 @@ async def test_no_automatic_refund_when_turned_off(server: Server) -> None:
         await sandbox(client, channel="wechat", order_no=no, amount="2.00", wechat_version="v3")
         await asyncio.sleep(0.3)
         assert await requests_of(client, no) == []
+
+
+@pytest.mark.parametrize("channel", ["alipay", "wechat"])
+async def test_concurrent_refunds_never_ask_for_more_than_was_paid(
+    client: httpx.AsyncClient, server: Server, channel: str
+) -> None:
+    no = await paid_order(client, channel, "10.00")
+    answers = await asyncio.gather(*(refund(client, no, "3.00", f"c{i}-{no}") for i in range(5)))
+    assert sorted(a.get("code", "ok") for a in answers) == ["ok"] * 3 + ["refund.exceeds_remaining"] * 2
+    # The two refused ones were refused here, before any call: the platform saw three.
+    assert len(trade_at(server, channel, no).refunds) == 3
+    state = await admin_get_order(client, no)
+    assert (state["status"], state["refunded_amount"]) == ("partially_refunded", "9.00")

@@ -162,16 +162,17 @@ async def _record(
     now = _now(runtime)
     try:
         async with runtime.db.transaction() as session:
-            existing = await _existing(session, key)
-            if existing is not None:
-                return _same_request(existing, order_no, amount), False
-            # The order row is locked (PostgreSQL, MySQL; SQLite writes one at a time anyway), so two
-            # requests for one order count each other's amounts against what remains.
+            # The order row is locked first (PostgreSQL, MySQL; SQLite writes one at a time anyway), so
+            # two requests for one order count each other's amounts against what remains; first, too,
+            # so that MySQL's snapshot for the reads below is taken once the other has committed.
             order = (
                 await session.scalars(select(Order).where(Order.order_no == order_no).with_for_update())
             ).first()
             if order is None:
                 raise ApiError("订单不存在", "order.not_found")
+            existing = await _existing(session, key)
+            if existing is not None:
+                return _same_request(existing, order_no, amount), False
             target = await _target(session, order, trade)
             _require_channel(runtime, target.channel)
             remaining = target.paid - target.refunded - await _in_flight(session, target)
