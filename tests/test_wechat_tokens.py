@@ -24,7 +24,7 @@ import pytest
 from sqlalchemy import delete, select, update
 from test_sandbox_payments import sandbox_state
 
-from conftest import Server, free_port
+from conftest import Server, free_port, other_server
 from mallgate.channels.wechat_api import WechatApi, WechatApiError
 from mallgate.db.models import CacheEntry
 from mallgate.runtime import Runtime
@@ -380,3 +380,69 @@ async def test_the_console_shows_the_wechat_api_traffic(server: Server, client: 
     # Tokens are shown cut short, never whole.
     token = await stored(server, token_key(WECHAT_MP_APP_ID))
     assert token is not None and token.value not in page.text
+
+
+async def hold_lease(server: Server, key: str, *, value: str, expires_in: float, lease_for: float) -> None:
+    """The row as another worker leaves it while it refreshes (or after it died, lease_for < 0)."""
+    now = runtime_of(server).clock.now()
+
+    def at(offset: float) -> datetime:
+        return datetime.fromtimestamp(now + offset, UTC).replace(tzinfo=None)
+
+    async with runtime_of(server).db.transaction() as session:
+        await session.execute(delete(CacheEntry).where(CacheEntry.key == key))
+        session.add(
+            CacheEntry(
+                key=key,
+                value=value,
+                expires_at=at(expires_in),
+                lease_owner="elsewhere:1:dead",
+                lease_until=at(lease_for),
+            )
+        )
+
+
+async def test_while_another_worker_refreshes_the_old_token_still_serves(server: Server) -> None:
+    await cold_cache(server)
+    app = oa_app(server)
+    # Inside the refresh margin but not expired, and someone holds the lease: no wait, no fetch.
+    await hold_lease(server, token_key(app.app_id), value="old-but-valid", expires_in=100, lease_for=30)
+    before = counts(server)
+    assert await manager(server).access_token(app) == "old-but-valid"
+    assert delta(before, counts(server)) == {}
+
+
+async def test_a_lease_whose_holder_died_is_taken_over(server: Server) -> None:
+    await cold_cache(server)
+    app = oa_app(server)
+    await hold_lease(server, token_key(app.app_id), value="", expires_in=-1, lease_for=-1)
+    before = counts(server)
+    token = await manager(server).access_token(app)
+    assert token and delta(before, counts(server)) == {STABLE: 1}
+    row = await stored(server, token_key(app.app_id))
+    assert row is not None and row.value == token and row.lease_owner is None
+
+
+async def test_a_refresh_that_never_finishes_answers_busy(server: Server) -> None:
+    await cold_cache(server)
+    await hold_lease(server, ticket_key(WECHAT_MP_APP_ID), value="", expires_in=-1, lease_for=60)
+    try:
+        async with other_server(server, wechat={"token_wait_seconds": 0.3}) as other:
+            body = (await other.get("/api/share/config", params={"url": "https://shop.example.com/"})).json()
+    finally:
+        await cold_cache(server)
+    assert body["status"] == 0 and body["code"] == "wechat.busy"
+
+
+async def test_without_stable_token_the_classic_endpoint_is_used(server: Server) -> None:
+    await cold_cache(server)
+    app = oa_app(server)
+    tokens = manager(server)
+
+    async def not_offered(app_id: str, secret: str, *, force_refresh: bool = False) -> Any:
+        raise WechatApiError(48001, "api unauthorized")
+
+    tokens.api.stable_token = not_offered  # type: ignore[method-assign]
+    before = counts(server)
+    token = await tokens.access_token(app)
+    assert token and delta(before, counts(server)) == {TOKEN: 1}
