@@ -187,6 +187,7 @@ class WechatTokens:
             pause = min(pause * 2, _POLL_MAX)
 
     async def _refresh(self, key: str, fetch: Fetch, rejected: str | None, lease: str) -> str:
+        stored = False
         try:
             # Between our read and the lease, the previous holder may have finished.
             row = await self._read(key)
@@ -198,9 +199,11 @@ class WechatTokens:
             now = self.clock.now()
             row = _Row(credential.value, now + credential.expires_in)
             await self._store(key, row, lease)
+            stored = True
             return self._remember(key, row, now)
         finally:
-            await self._release(key, lease)
+            if not stored:
+                await self._release(key, lease)
 
     def _remember(self, key: str, row: _Row, now: float) -> str:
         keep = min(
@@ -261,10 +264,11 @@ class WechatTokens:
         statement = (
             update(CacheEntry)
             .where(CacheEntry.key == key, CacheEntry.lease_owner == lease)
-            .values(value=row.value, expires_at=_naive(row.expires_at))
+            .values(value=row.value, expires_at=_naive(row.expires_at), lease_owner=None, lease_until=None)
             .execution_options(synchronize_session=False)
         )
-        # A lease that ran out was taken over: the new holder's value stands, ours is only used.
+        # Value and lease in one write. A lease that ran out was taken over: the new holder's value
+        # stands, ours is only used.
         await self.db.run_write(lambda session: session.execute(statement))
 
     async def _release(self, key: str, lease: str) -> None:
