@@ -1036,7 +1036,8 @@ async def test_fetch_certificates(
         wp.verify_v3_authorization(
             request.headers["Authorization"],
             request.method,
-            request.url.raw_path.decode(),
+            # Signed from WeChat Pay's root: api_base's own path (/sandbox) is not part of it.
+            request.url.raw_path.decode().removeprefix("/sandbox"),
             request.content,
             public_key=merchant_key.public_key(),
             now=NOW,
