@@ -60,12 +60,13 @@ class Credential:
 
 
 def _checked(path: str, response: httpx.Response) -> dict[str, Any]:
+    status = response.status_code
     try:
         answer = response.json()
     except ValueError as exc:
-        raise WechatUnavailable(f"{path}: HTTP {response.status_code}, not JSON", response.status_code) from exc
+        raise WechatUnavailable(f"{path}: HTTP {status}, not JSON", status) from exc
     if not isinstance(answer, dict):
-        raise WechatUnavailable(f"{path}: HTTP {response.status_code}, not a JSON object", response.status_code)
+        raise WechatUnavailable(f"{path}: HTTP {status}, not a JSON object", status)
     errcode = answer.get("errcode", 0)
     if errcode not in (0, None):
         code = errcode if isinstance(errcode, int) else -1
