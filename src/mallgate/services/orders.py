@@ -231,12 +231,13 @@ _REFUND_DUPLICATE = (
     .values(refunded_amount=bindparam("new_total"))
 )
 _requests = table_of(RefundRequest)
-# A refund the state machine recorded settles the request behind it, whatever said so first.
+# A refund the state machine recorded settles the request behind it, whatever said so first
+# (a request given up as failed included: the money moved after all).
 _SETTLE_REQUEST = (
     update(_requests)
     .where(
         _requests.c.request_no == bindparam("settle_no"),
-        _requests.c.status.in_(("requesting", "pending")),
+        _requests.c.status.in_(("requesting", "pending", "failed")),
     )
     .values(status="succeeded", platform_refund_id=bindparam("settle_refund_id"), updated_at=bindparam("now"))
 )

@@ -17,7 +17,7 @@ import json
 import logging
 import secrets
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -39,6 +39,8 @@ log = logging.getLogger("mallgate.refunds")
 IN_FLIGHT = ("requesting", "pending")
 REASON_MAX = 80  # WeChat Pay's limit for a refund reason
 DUPLICATE_REASON = "重复支付退款"
+# Longer than any platform call takes (the HTTP client gives up after 10 s).
+CALL_GRACE_SECONDS = 60
 
 
 def _money(value: Decimal) -> str:
@@ -411,11 +413,17 @@ class Settled:
 
 async def settle_pending(runtime: Runtime, *, limit: int = 200) -> list[Settled]:
     """Ask the platforms about refund requests not yet settled."""
+    # A request still "requesting" may be in the middle of its call: asking about it now could
+    # find nothing and fail it just before the platform makes it.
+    settled_calls = _now(runtime) - timedelta(seconds=CALL_GRACE_SECONDS)
     async with runtime.db.read() as session:
         rows = (
             await session.scalars(
                 select(RefundRequest)
-                .where(RefundRequest.status.in_(IN_FLIGHT))
+                .where(
+                    (RefundRequest.status == "pending")
+                    | ((RefundRequest.status == "requesting") & (RefundRequest.updated_at <= settled_calls))
+                )
                 .order_by(RefundRequest.id)
                 .limit(limit)
             )
