@@ -114,6 +114,14 @@ async def test_wechat_v2_refund_through_secapi(server: Server) -> None:
         assert answer["data"]["status"] == "succeeded", answer
         state = await admin_get_order(client, no)
         assert (state["status"], state["refunded_amount"]) == ("partially_refunded", "2.50")
+        # pay/closeorder: an unpaid order closes; one paid at WeChat Pay (notice lost) is refused.
+        unpaid = (await admin_create_order(client, amount="1.00"))["order_no"]
+        closed = (await client.post(f"/admin/orders/{unpaid}/close", headers=ADMIN)).json()
+        assert closed["data"]["status"] == "closed", closed
+        lost = (await admin_create_order(client, amount="1.00"))["order_no"]
+        await sandbox(client, channel="wechat", order_no=lost, amount="1.00", notify=False)
+        refused = (await client.post(f"/admin/orders/{lost}/close", headers=ADMIN)).json()
+        assert (refused["code"], refused["channel"]) == ("order.close_refused", "wechat")
 
 
 @pytest.mark.parametrize("channel", ["alipay", "wechat"])
