@@ -106,7 +106,7 @@ local threads = {}
 function setup(thread) table.insert(threads, thread) end
 function init(args) wrong = 0 end
 function response(status, headers, body)
-  if status ~= 200 or body ~= EXPECTED then wrong = wrong + 1 end
+  if not (CHECK) then wrong = wrong + 1 end
 end
 done = function(summary, latency, requests)
   local bad = 0
@@ -126,12 +126,16 @@ def wrk_load(
     label: str,
     threads: int = 2,
     expect: str | None = None,
+    check: str | None = None,
 ) -> Result:
     """Run wrk with a Lua `request` function (or none for a plain GET of the path in `base`).
 
-    With `expect`, an answer that is not HTTP 200 with exactly that body counts as an error.
+    With `expect`, an answer that is not HTTP 200 with exactly that body counts as an error;
+    with `check`, one for which that Lua expression (of `status` and `body`) is false.
     """
-    summary = _WRK_DONE if expect is None else f"EXPECTED = [==[{expect}]==]\n" + _WRK_EXPECT
+    if expect is not None:
+        check = f"status == 200 and body == [==[{expect}]==]"
+    summary = _WRK_DONE if check is None else _WRK_EXPECT.replace("CHECK", check)
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(lua_request + summary)
     out = subprocess.run(
