@@ -697,21 +697,6 @@ class AlipayClient(PlatformClient):
         self._business_ok("alipay.trade.close", payload)
         return "closed"
 
-    async def refund_query(self, *, trade_no: str, out_trade_no: str, out_request_no: str) -> Decimal | None:
-        """``alipay.trade.fastpay.refund.query``: the amount of that refund, None if it never happened."""
-        payload = await self.call(
-            "alipay.trade.fastpay.refund.query",
-            {
-                "trade_no": trade_no or None,
-                "out_trade_no": None if trade_no else out_trade_no,
-                "out_request_no": out_request_no,
-            },
-        )
-        self._business_ok("alipay.trade.fastpay.refund.query", payload)
-        if payload.get("refund_status", "REFUND_SUCCESS") != "REFUND_SUCCESS":
-            return None
-        return _amount({"refund_amount": str(payload.get("refund_amount", ""))}, "refund_amount")
-
     @staticmethod
     def _business_ok(method: str, payload: Mapping[str, Any]) -> None:
         code = str(payload.get("code", ""))
