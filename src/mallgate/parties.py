@@ -37,6 +37,8 @@ CREDENTIALS: Final[dict[str, tuple[str, ...]]] = {
         "platform_certs",
         "mch_private_key",
         "mch_serial_no",
+        "api_client_cert",
+        "api_client_key",
     ),
     "wechat_mp": ("app_id", "app_secret", "token", "aes_key"),
     "wechat_mini": ("app_id", "app_secret"),
