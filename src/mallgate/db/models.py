@@ -82,6 +82,11 @@ class Identity(Base):
     openid: Mapped[str] = mapped_column(String(128))
     unionid: Mapped[str | None] = mapped_column(String(128), index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime)
+    # The Mini Program's session_key, sealed with a key derived from the server secret
+    # (mallgate.secret_key.seal_session_key): never stored in clear, replaced at each login.
+    session_key: Mapped[str | None] = mapped_column(Text)
+    # What an Apple login tells of the person, when it does.
+    email: Mapped[str | None] = mapped_column(String(191))
 
 
 class Token(Base):
@@ -323,6 +328,33 @@ class WechatFollower(Base):
     subscribed_at: Mapped[datetime] = mapped_column(DateTime)
     unsubscribed_at: Mapped[datetime | None] = mapped_column(DateTime)
 
+
+
+class SceneCode(Base):
+    """A Mini Program code's `scene`: an opaque short code naming (page, goods, sharer), made once."""
+
+    __tablename__ = "scene_codes"
+    __table_args__ = (UniqueConstraint("page", "goods_id", "sharer_id"),)
+
+    code: Mapped[str] = mapped_column(String(32), primary_key=True)
+    page: Mapped[str] = mapped_column(String(128))
+    goods_id: Mapped[int] = mapped_column(Id)
+    sharer_id: Mapped[int] = mapped_column(Id)
+    media_path: Mapped[str] = mapped_column(String(255), default="")  # relative to the media dir; "" not yet
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class SubscribeGrant(Base):
+    """One `accept` of a subscribe template by a user: one message may be sent against it."""
+
+    __tablename__ = "subscribe_grants"
+    __table_args__ = (Index("ix_subscribe_grants_user_template", "user_id", "template_id"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    user_id: Mapped[int] = mapped_column(Id)
+    template_id: Mapped[str] = mapped_column(String(128))
+    granted_at: Mapped[datetime] = mapped_column(DateTime)
+    used_at: Mapped[datetime | None] = mapped_column(DateTime)
 
 def table_of(model: type[Base]) -> Table:
     """The Core table of a model, for the hot paths that skip the ORM."""
