@@ -25,6 +25,7 @@ from mallgate.envelope import guarded, install_handlers
 from mallgate.middleware import BodyTooLarge, Gate, too_large_body
 from mallgate.routes import account, admin, health, login, oauth, payments, qrcode, sms
 from mallgate.routes import admin_wechat as admin_wechat_routes
+from mallgate.routes import auth as auth_routes
 from mallgate.routes import share as share_routes
 from mallgate.routes import wechat_mp as wechat_mp_routes
 from mallgate.runtime import Runtime
@@ -68,6 +69,7 @@ def api_router() -> APIRouter:
     router.include_router(sms.router)
     router.include_router(login.router)
     router.include_router(oauth.router)
+    router.include_router(auth_routes.router)
     router.include_router(share_routes.router)
     router.include_router(wechat_mp_routes.router)
     return router

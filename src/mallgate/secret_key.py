@@ -11,12 +11,18 @@ reads a half-written key.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import logging
 import os
 import secrets
 import stat
 from pathlib import Path
 from typing import Final
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from mallgate.settings import MIN_SECRET_KEY, Settings
 
@@ -75,3 +81,32 @@ def _read(path: Path) -> bytes:
     if mode & 0o077:
         log.warning("%s is readable by others (mode %o); chmod 600 it", path, mode)
     return key
+
+
+# --- the Mini Program session_key, sealed at rest ---
+
+_SESSION_KEY_PURPOSE: Final = b"mallgate session_key v1"
+_NONCE_BYTES: Final = 12
+
+
+def _session_key_cipher(secret: bytes) -> AESGCM:
+    # A key of its own, derived for this purpose only: the SMS hash key is never an AES key too.
+    return AESGCM(hmac.new(secret, _SESSION_KEY_PURPOSE, hashlib.sha256).digest())
+
+
+def seal_session_key(secret: bytes, session_key: str, bound_to: str) -> str:
+    """`session_key` encrypted (AES-256-GCM) for the database; `bound_to` (the identity) is authenticated
+    with it, so a sealed value copied onto another identity does not open there."""
+    nonce = os.urandom(_NONCE_BYTES)
+    sealed = _session_key_cipher(secret).encrypt(nonce, session_key.encode(), bound_to.encode())
+    return base64.b64encode(nonce + sealed).decode()
+
+
+def open_session_key(secret: bytes, sealed: str, bound_to: str) -> str | None:
+    """The session_key `seal_session_key` sealed, or None when it cannot be opened (another secret)."""
+    try:
+        raw = base64.b64decode(sealed, validate=True)
+        plain = _session_key_cipher(secret).decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], bound_to.encode())
+        return plain.decode()
+    except (ValueError, InvalidTag):
+        return None

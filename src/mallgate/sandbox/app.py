@@ -175,6 +175,7 @@ def _standins(state: SandboxState) -> list[StandIn]:
     """Every stand-in of the sandbox; later parts add theirs here."""
     from mallgate.sandbox.payments import payment_standins
     from mallgate.sandbox.sms_standin import sms_standin
+    from mallgate.sandbox.wechat_mini_standin import wechat_mini_standin
     from mallgate.sandbox.wechat_oauth_standin import wechat_oauth_standin
     from mallgate.sandbox.wechat_push_standin import wechat_push_standin
     from mallgate.sandbox.wechat_standin import wechat_standin
@@ -185,6 +186,7 @@ def _standins(state: SandboxState) -> list[StandIn]:
         wechat_standin(state),
         wechat_oauth_standin(state),
         wechat_push_standin(state),
+        wechat_mini_standin(state),
     ]
 
 
