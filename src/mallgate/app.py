@@ -30,7 +30,7 @@ from mallgate.routes import share as share_routes
 from mallgate.routes import wechat_mp as wechat_mp_routes
 from mallgate.runtime import Runtime
 from mallgate.sandbox.app import MOUNT, create_sandbox_app, service_settings
-from mallgate.services import wechat_push
+from mallgate.services import outbox_worker, wechat_push
 from mallgate.settings import Settings
 
 log = logging.getLogger("mallgate")
@@ -172,7 +172,10 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         tune_gc()
+        # The outbox worker: in every process, but only the holder of the runner lease sends.
+        outbox_task = outbox_worker.start(runtime)
         yield
+        await outbox_worker.stop(outbox_task)
         # Starlette runs no lifespan for a mounted app: the sandbox's clients are closed here.
         if sandbox_app is not None:
             await sandbox_app.state.sandbox.aclose()

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from mallgate.clock import zone_named
@@ -364,6 +364,46 @@ class QrcodeSettings(BaseModel):
     max_size: int = Field(20, ge=1, le=50, description="largest pixels per module")
 
 
+MIN_WEBHOOK_SECRET = 16
+
+
+class OutboxSettings(BaseModel):
+    """The outbox worker (mallgate.services.outbox_worker): one runner across all workers and machines."""
+
+    enabled: bool = Field(True, description="run the outbox worker in `serve` (one runner at a time, by lease)")
+    poll_seconds: float = Field(1.0, gt=0, le=60, description="how often the runner looks for due deliveries")
+    batch: int = Field(100, ge=1, le=1000, description="deliveries claimed per pass")
+    concurrency: int = Field(16, ge=1, le=256, description="deliveries sent at the same time")
+    lease_seconds: float = Field(
+        30.0, ge=2, description="the runner's lease; a runner that died is taken over after this long"
+    )
+    claim_seconds: float = Field(
+        120.0, ge=5, description="a claimed delivery not recorded within this long (its worker died) is due again"
+    )
+    backoff_first_seconds: float = Field(5.0, gt=0, description="the wait after a first failed attempt")
+    backoff_max_seconds: float = Field(1800.0, gt=0, description="the longest wait between two attempts")
+    retry_for_seconds: float = Field(
+        86400.0, gt=0, description="a delivery still failing this long after its event is given up (failed)"
+    )
+
+
+class WebhookSettings(BaseModel):
+    """Events to the mall's own backend: the mall's URL and secret, not a third party's credential."""
+
+    url: HttpUrl = Field(
+        "", description="every outbox event is POSTed here, signed; unset: none (the sandbox: its receiver)"
+    )
+    secret: str = Field("", description="the HMAC-SHA256 key of Mallgate-Signature; required with url")
+    timeout_seconds: float = Field(10.0, gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _secret_with_url(self) -> WebhookSettings:
+        # An unsigned event could be forged by anyone who finds the URL: refused at start-up.
+        if self.url and len(self.secret) < MIN_WEBHOOK_SECRET:
+            raise ValueError(f"MALLGATE_WEBHOOK__SECRET of at least {MIN_WEBHOOK_SECRET} characters is needed")
+        return self
+
+
 # A guessable admin token guards money: refused at start-up rather than accepted.
 MIN_ADMIN_TOKEN = 16
 # The SMS code hashes are only as strong as this key: a short one is guessed from a dump.
@@ -437,6 +477,8 @@ class Settings(BaseSettings):
     login: LoginSettings = LoginSettings()
     qrcode: QrcodeSettings = QrcodeSettings()
     notify: NotifySettings = NotifySettings()
+    outbox: OutboxSettings = OutboxSettings()
+    webhook: WebhookSettings = WebhookSettings()
 
     @field_validator("forwarded_allow_ips")
     @classmethod

@@ -272,7 +272,10 @@ class OutboxEvent(Base):
     """What must be sent because of a state change, written in the same transaction."""
 
     __tablename__ = "outbox"
-    __table_args__ = (Index("ix_outbox_pending", "sent_at", "available_at"),)
+    __table_args__ = (
+        Index("ix_outbox_pending", "sent_at", "available_at"),
+        Index("ix_outbox_created_at", "created_at"),
+    )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     topic: Mapped[str] = mapped_column(String(64))
@@ -282,6 +285,30 @@ class OutboxEvent(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     sent_at: Mapped[datetime | None] = mapped_column(DateTime)
     last_error: Mapped[str] = mapped_column(String(255), default="")
+
+
+class OutboxDelivery(Base):
+    """One outbox event through one sender (webhook, subscribe message): its attempts and state."""
+
+    __tablename__ = "outbox_deliveries"
+    __table_args__ = (
+        UniqueConstraint("event_id", "sender", name="uq_outbox_deliveries_event_sender"),
+        Index("ix_outbox_deliveries_due", "state", "next_attempt_at"),
+        Index("ix_outbox_deliveries_ordering", "sender", "ordering_key", "event_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    event_id: Mapped[int] = mapped_column(Id)
+    sender: Mapped[str] = mapped_column(String(32))
+    # Deliveries of one sender with the same key go out in event order (the order number).
+    ordering_key: Mapped[str] = mapped_column(String(64), default="")
+    state: Mapped[str] = mapped_column(String(16))  # pending | sent | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime)
+    give_up_at: Mapped[datetime] = mapped_column(DateTime)
+    last_error: Mapped[str] = mapped_column(String(255), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime)
 
 
 class WechatReply(Base):

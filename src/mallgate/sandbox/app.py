@@ -24,6 +24,8 @@ from pydantic import BaseModel
 from mallgate.parties import SandboxRefused, sandbox_problems, sandbox_wanted
 from mallgate.sandbox.keys import SandboxKeys
 from mallgate.sandbox.pages import fragment, render, root
+from mallgate.sandbox.webhook_standin import RECEIVE_PATH as WEBHOOK_RECEIVE_PATH
+from mallgate.sandbox.webhook_standin import webhook_secret
 from mallgate.settings import Settings
 
 log = logging.getLogger("mallgate.sandbox")
@@ -144,6 +146,9 @@ def sandbox_settings(settings: Settings, sandbox_url: str, keys: SandboxKeys) ->
         "qq": {"app_id": QQ_APP_ID, "api_base": f"{sandbox_url}/qq"},
         "apple": {"bundle_id": APPLE_BUNDLE_ID, "keys_url": f"{sandbox_url}/apple/auth/keys"},
         "sms": {"provider": "sandbox"},
+        # The mall's own backend, not a third party: its URL and secret are no credential
+        # (mallgate.parties), so setting them leaves the sandbox on; unset, the receiver page plays it.
+        "webhook": {"url": f"{sandbox_url}{WEBHOOK_RECEIVE_PATH}", "secret": webhook_secret(keys)},
     }
     update: dict[str, Any] = {
         party: _fill(getattr(settings, party), values, kept, f"MALLGATE_{party.upper()}")
@@ -179,6 +184,7 @@ def _standins(state: SandboxState) -> list[StandIn]:
     from mallgate.sandbox.wechat_oauth_standin import wechat_oauth_standin
     from mallgate.sandbox.wechat_push_standin import wechat_push_standin
     from mallgate.sandbox.wechat_standin import wechat_standin
+    from mallgate.sandbox.webhook_standin import webhook_standin
 
     return [
         *payment_standins(state),
@@ -186,6 +192,7 @@ def _standins(state: SandboxState) -> list[StandIn]:
         wechat_standin(state),
         wechat_oauth_standin(state),
         wechat_push_standin(state),
+        webhook_standin(state),
         wechat_mini_standin(state),
     ]
 

@@ -9,15 +9,30 @@ again, so every delivery carries the event id for the receiver to deduplicate.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import json
+import logging
+import os
+import random
+import secrets
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 
+from sqlalchemy import insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, aliased
+
+from mallgate.db.models import CacheEntry, OutboxDelivery, OutboxEvent, table_of
 from mallgate.services.outbox_errors import DeliveryError, FinalError, TransientError
 
 if TYPE_CHECKING:
     from mallgate.runtime import Runtime
+    from mallgate.settings import OutboxSettings
 
 __all__ = [
     "DeliveryError",
@@ -76,3 +91,341 @@ def unregister_sender(name: str) -> None:
 
 def registered_senders() -> list[Sender]:
     return list(_SENDERS.values())
+
+
+# --- the worker ---
+
+RUNNER_KEY: Final = "outbox:runner"
+SERVICE_KEY: Final = "outbox_worker"
+PENDING: Final = "pending"
+SENT: Final = "sent"
+FAILED: Final = "failed"
+# After a first full scan of the retry window, each pass looks back only this far for new events:
+# an event's transaction may commit a little after a later one's, never minutes after.
+_RESCAN_SECONDS: Final = 300.0
+_PLAN_PAGE: Final = 500
+_EPOCH: Final = datetime(1970, 1, 1)
+log = logging.getLogger("mallgate.outbox")
+
+
+def naive(at: float) -> datetime:
+    return datetime.fromtimestamp(at, UTC).replace(tzinfo=None)
+
+
+def seconds(at: datetime) -> float:
+    return at.replace(tzinfo=UTC).timestamp()
+
+
+def backoff(settings: OutboxSettings, attempts: int, rand: Callable[[], float] = random.random) -> float:
+    """Exponential from `backoff_first_seconds`, capped, with jitter so retries do not march in step."""
+    delay = min(settings.backoff_max_seconds, settings.backoff_first_seconds * 2.0 ** max(attempts - 1, 0))
+    return delay * (0.5 + rand() / 2)
+
+
+def ordering_key(event: Event) -> str:
+    order_no = event.payload.get("order_no")
+    return str(order_no)[:64] if order_no else ""
+
+
+def configured_senders(runtime: Runtime) -> list[Sender]:
+    """The registry's senders plus the webhook, when the operator (or the sandbox) gave its URL."""
+    from mallgate.channels.webhook import WebhookSender
+
+    senders = registered_senders()
+    hook = runtime.settings.webhook
+    if hook.url:
+        senders.append(WebhookSender(hook.url, hook.secret, hook.timeout_seconds))
+    return senders
+
+
+@dataclass(frozen=True)
+class Claimed:
+    delivery_id: int
+    sender: str
+    attempts: int
+    give_up_at: datetime
+    event: Event
+
+
+D = OutboxDelivery
+_EVENT = select(OutboxEvent.id, OutboxEvent.topic, OutboxEvent.payload, OutboxEvent.created_at)
+
+
+def _insert_one(statement: Any, row: dict[str, Any], session: Session) -> None:
+    session.execute(statement, [row])
+_EARLIER = aliased(OutboxDelivery)
+
+
+class OutboxWorker:
+    """Plans, claims and sends deliveries. `run` is the loop `serve` starts in every process;
+    only the holder of the runner lease does any work."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        senders: Callable[[], list[Sender]] | None = None,
+        lease_key: str = RUNNER_KEY,
+    ) -> None:
+        self.runtime = runtime
+        self.settings = runtime.settings.outbox
+        self._senders = senders or (lambda: configured_senders(runtime))
+        self.lease_key = lease_key
+        self.owner = f"{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._scanned_from: float | None = None
+        self._row_made = False
+
+    def now(self) -> float:
+        return self.runtime.clock.now()
+
+    # --- the loop ---
+
+    async def run(self) -> None:
+        try:
+            while True:
+                busy = False
+                try:
+                    if await self.take_lease():
+                        busy = await self.run_once() >= self.settings.batch
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # a database blip must not end the worker for the process's life
+                    log.exception("outbox pass failed")
+                if not busy:
+                    await asyncio.sleep(self.settings.poll_seconds)
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.release_lease())
+
+    async def run_once(self) -> int:
+        """One pass: new events become deliveries, due ones are claimed and sent. Returns how many."""
+        senders = {s.name: s for s in self._senders()}
+        if not senders:
+            return 0
+        await self.plan(list(senders.values()))
+        claimed = await self.claim(list(senders))
+        if claimed:
+            limit = asyncio.Semaphore(self.settings.concurrency)
+
+            async def one(item: Claimed) -> None:
+                async with limit:
+                    await self.deliver(senders[item.sender], item)
+
+            await asyncio.gather(*(one(item) for item in claimed))
+        return len(claimed)
+
+    # --- the runner lease (a cache_entries row) ---
+
+    async def _ensure_row(self) -> None:
+        if self._row_made:
+            return
+
+        def insert(session: Session) -> None:
+            if session.get(CacheEntry, self.lease_key) is None:
+                session.add(CacheEntry(key=self.lease_key, value="", expires_at=None))
+
+        with contextlib.suppress(IntegrityError):  # another worker made it first
+            await self.runtime.db.run_write(insert)
+        self._row_made = True
+
+    async def take_lease(self) -> bool:
+        """Takes or renews the lease; False while another live runner holds it."""
+        await self._ensure_row()
+        now = self.now()
+        free = (
+            CacheEntry.lease_until.is_(None)
+            | (CacheEntry.lease_until < naive(now))
+            | (CacheEntry.lease_owner == self.owner)
+        )
+        statement = (
+            update(CacheEntry)
+            .where(CacheEntry.key == self.lease_key, free)
+            .values(lease_owner=self.owner, lease_until=naive(now + self.settings.lease_seconds))
+            .execution_options(synchronize_session=False)
+        )
+
+        def take(session: Session) -> bool:
+            return session.execute(statement).rowcount == 1  # type: ignore[attr-defined, no-any-return]
+
+        return await self.runtime.db.run_write(take)
+
+    async def release_lease(self) -> None:
+        statement = (
+            update(CacheEntry)
+            .where(CacheEntry.key == self.lease_key, CacheEntry.lease_owner == self.owner)
+            .values(lease_owner=None, lease_until=None)
+            .execution_options(synchronize_session=False)
+        )
+        await self.runtime.db.run_write(lambda session: session.execute(statement))
+
+    # --- planning: one delivery per (event, sender that wants it) ---
+
+    async def plan(self, senders: list[Sender]) -> None:
+        now = self.now()
+        floor = now - self.settings.retry_for_seconds
+        if self._scanned_from is not None:
+            # min(): a clock set back finds its events too.
+            floor = max(floor, min(self._scanned_from, now - _RESCAN_SECONDS))
+        after = 0
+        while True:
+            async with self.runtime.db.read() as session:
+                rows = (
+                    await session.execute(
+                        _EVENT.where(OutboxEvent.created_at >= naive(floor), OutboxEvent.id > after)
+                        .order_by(OutboxEvent.id)
+                        .limit(_PLAN_PAGE)
+                    )
+                ).all()
+                if not rows:
+                    break
+                ids = [row[0] for row in rows]
+                names = [s.name for s in senders]
+                found = await session.execute(
+                    select(D.event_id, D.sender).where(D.event_id.in_(ids), D.sender.in_(names))
+                )
+                known = {(row[0], row[1]) for row in found}
+            new = []
+            for row in rows:
+                event = Event.from_row(*row)
+                for sender in senders:
+                    if (event.id, sender.name) not in known and sender.wants(event):
+                        new.append(self._delivery(event, sender.name, now))
+            await self._insert(new)
+            after = ids[-1]
+            if len(rows) < _PLAN_PAGE:
+                break
+        self._scanned_from = now - _RESCAN_SECONDS
+
+    def _delivery(self, event: Event, sender: str, now: float) -> dict[str, Any]:
+        return {
+            "event_id": event.id,
+            "sender": sender,
+            "ordering_key": ordering_key(event),
+            "state": PENDING,
+            "attempts": 0,
+            "next_attempt_at": naive(now),
+            "give_up_at": naive(seconds(event.created_at) + self.settings.retry_for_seconds),
+            "last_error": "",
+            "created_at": naive(now),
+            "sent_at": None,
+        }
+
+    async def _insert(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        statement = insert(table_of(OutboxDelivery))
+        try:
+            await self.runtime.db.run_write(lambda session: session.execute(statement, rows))
+        except IntegrityError:
+            # Planned meanwhile by a worker that briefly held the lease too: row by row, the rest.
+            for row in rows:
+                with contextlib.suppress(IntegrityError):
+                    await self.runtime.db.run_write(functools.partial(_insert_one, statement, row))
+
+    # --- claiming: due deliveries, pushed out of reach for `claim_seconds` ---
+
+    async def claim(self, names: list[str]) -> list[Claimed]:
+        now = naive(self.now())
+        until = naive(self.now() + self.settings.claim_seconds)
+        earlier_pending = (
+            select(_EARLIER.id)
+            .where(
+                _EARLIER.sender == D.sender,
+                _EARLIER.ordering_key == D.ordering_key,
+                _EARLIER.event_id < D.event_id,
+                _EARLIER.state == PENDING,
+            )
+            .exists()
+        )
+        query = (
+            select(D.id, D.event_id, D.sender, D.attempts, D.give_up_at)
+            .where(
+                D.state == PENDING,
+                D.next_attempt_at <= now,
+                D.sender.in_(names),
+                (D.ordering_key == "") | ~earlier_pending,
+            )
+            .order_by(D.id)
+            .limit(self.settings.batch)
+        )
+
+        def take(session: Session) -> list[tuple[int, int, str, int, datetime]]:
+            bound = query
+            if session.get_bind().dialect.name == "postgresql":
+                bound = query.with_for_update(skip_locked=True, of=D)
+            taken = []
+            for row in session.execute(bound):
+                # The conditional UPDATE is the claim on every database: of two workers, one wins.
+                won = session.execute(
+                    update(D)
+                    .where(D.id == row[0], D.state == PENDING, D.next_attempt_at <= now)
+                    .values(attempts=D.attempts + 1, next_attempt_at=until)
+                    .execution_options(synchronize_session=False)
+                )
+                if won.rowcount == 1:  # type: ignore[attr-defined]
+                    taken.append((row[0], row[1], row[2], row[3] + 1, row[4]))
+            return taken
+
+        taken = await self.runtime.db.run_write(take)
+        if not taken:
+            return []
+        async with self.runtime.db.read() as session:
+            events = {
+                row[0]: Event.from_row(*row)
+                for row in await session.execute(_EVENT.where(OutboxEvent.id.in_({t[1] for t in taken})))
+            }
+        return [Claimed(t[0], t[2], t[3], t[4], events[t[1]]) for t in taken if t[1] in events]
+
+    # --- sending and recording ---
+
+    async def deliver(self, sender: Sender, item: Claimed) -> str:
+        try:
+            await sender.send(self.runtime, item.event)
+        except FinalError as exc:
+            return await self._record(item, FAILED, str(exc) or type(exc).__name__)
+        except asyncio.CancelledError:
+            raise  # the claim runs out and another pass sends it
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, TransientError) else f"{type(exc).__name__} (unexpected)"
+            if not isinstance(exc, TransientError):
+                log.exception("outbox sender %s raised", sender.name)
+            if self.now() >= seconds(item.give_up_at):
+                return await self._record(item, FAILED, f"gave up after {item.attempts} attempts: {reason}")
+            retry_at = self.now() + backoff(self.settings, item.attempts)
+            return await self._record(item, PENDING, reason or "transient", retry_at=retry_at)
+        return await self._record(item, SENT, "")
+
+    async def _record(self, item: Claimed, state: str, error: str, *, retry_at: float | None = None) -> str:
+        now = self.now()
+        values: dict[str, Any] = {"state": state, "last_error": error[:255]}
+        if state == SENT:
+            values["sent_at"] = naive(now)
+        if retry_at is not None:
+            values["next_attempt_at"] = naive(retry_at)
+        statement = (
+            update(D)
+            .where(D.id == item.delivery_id, D.state == PENDING)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        await self.runtime.db.run_write(lambda session: session.execute(statement))
+        return state
+
+
+# --- started by the app's lifespan ---
+
+
+def start(runtime: Runtime) -> asyncio.Task[None] | None:
+    if not runtime.settings.outbox.enabled:
+        return None
+    worker = OutboxWorker(runtime)
+    runtime.services[SERVICE_KEY] = worker
+    return asyncio.create_task(worker.run(), name="mallgate-outbox")
+
+
+async def stop(task: asyncio.Task[None] | None) -> None:
+    if task is None:
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
