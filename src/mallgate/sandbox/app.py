@@ -178,7 +178,9 @@ def service_settings(settings: Settings, keys: SandboxKeys | None = None) -> tup
 
 def _standins(state: SandboxState) -> list[StandIn]:
     """Every stand-in of the sandbox; later parts add theirs here."""
+    from mallgate.sandbox.apple_standin import apple_standin
     from mallgate.sandbox.payments import payment_standins
+    from mallgate.sandbox.qq_standin import qq_standin
     from mallgate.sandbox.sms_standin import sms_standin
     from mallgate.sandbox.wechat_mini_standin import wechat_mini_standin
     from mallgate.sandbox.wechat_oauth_standin import wechat_oauth_standin
@@ -194,6 +196,8 @@ def _standins(state: SandboxState) -> list[StandIn]:
         wechat_push_standin(state),
         webhook_standin(state),
         wechat_mini_standin(state),
+        qq_standin(state),
+        apple_standin(state),
     ]
 
 

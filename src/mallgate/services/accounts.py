@@ -237,40 +237,74 @@ async def wechat_user(
     avatar: str = "",
     sex: int = 0,
 ) -> tuple[User, bool]:
-    """The user of a WeChat login at `app_id`, and whether it was created now.
+    """The user of a WeChat login at `app_id`, and whether it was created now (`platform_user`)."""
+    return await platform_user(
+        session,
+        now,
+        provider=WECHAT,
+        app_id=app_id,
+        openid=openid,
+        unionid=unionid,
+        spread_id=spread_id,
+        nickname=nickname,
+        avatar=avatar,
+        sex=sex,
+    )
 
-    Found by (wechat, app_id, openid); else, when `unionid` is not empty, the same person's
-    identity at another WeChat app gives the user and this identity is added to it; else a
-    new user (with `spread_id` when it names an existing user). An empty unionid never links:
-    every app without an Open Platform binding would otherwise be one person. Concurrent
-    first logins of one openid meet the unique (provider, app_id, openid): the loser's
-    transaction raises IntegrityError and is retried by the caller.
+
+async def platform_user(
+    session: AsyncSession,
+    now: datetime,
+    *,
+    provider: str,
+    app_id: str,
+    openid: str,
+    unionid: str = "",
+    email: str = "",
+    spread_id: int | None = None,
+    nickname: str = "",
+    avatar: str = "",
+    sex: int = 0,
+) -> tuple[User, bool]:
+    """The user of a login at (`provider`, `app_id`), and whether it was created now.
+
+    Found by (provider, app_id, openid); else, when `unionid` is not empty, the same person's
+    identity at another app of the same provider gives the user and this identity is added to
+    it (a unionid is one provider's: WeChat's and QQ's never link); else a new user (with
+    `spread_id` when it names an existing user). An empty unionid never links: every app
+    without an Open Platform binding would otherwise be one person. `email` (Apple's, when
+    the token has one) replaces the identity's. Concurrent first logins of one openid meet
+    the unique (provider, app_id, openid): the loser's transaction raises IntegrityError and
+    is retried by the caller.
     """
     unionid = unionid.strip()
     identity = (
         await session.scalars(
             select(Identity).where(
-                Identity.provider == WECHAT, Identity.app_id == app_id, Identity.openid == openid
+                Identity.provider == provider, Identity.app_id == app_id, Identity.openid == openid
             )
         )
     ).first()
     if identity is not None:
         if unionid and not identity.unionid:
             identity.unionid = unionid  # learnt later: snsapi_base first, snsapi_userinfo now
+        if email:
+            identity.email = email
         user = await session.get(User, identity.user_id)
         assert user is not None  # identities.user_id is a foreign key
         return user, False
-    user = await _user_of_unionid(session, unionid) if unionid else None
+    user = await _user_of_unionid(session, unionid, provider) if unionid else None
     created = user is None
     if user is None:
         user = await create_user(session, now, nickname=nickname, avatar=avatar, sex=sex, spread_id=spread_id)
     session.add(
         Identity(
             user_id=user.id,
-            provider=WECHAT,
+            provider=provider,
             app_id=app_id,
             openid=openid,
             unionid=unionid or None,
+            email=email or None,
             created_at=now,
         )
     )
@@ -301,11 +335,11 @@ def update_wechat_profile(user: User, *, nickname: str = "", avatar: str = "", s
         user.sex = sex
 
 
-async def _user_of_unionid(session: AsyncSession, unionid: str) -> User | None:
+async def _user_of_unionid(session: AsyncSession, unionid: str, provider: str = WECHAT) -> User | None:
     user_id = (
         await session.scalars(
             select(Identity.user_id)
-            .where(Identity.provider == WECHAT, Identity.unionid == unionid)
+            .where(Identity.provider == provider, Identity.unionid == unionid)
             .order_by(Identity.id)
             .limit(1)
         )
