@@ -344,6 +344,65 @@ class TemplateSettings(BaseModel):
     refund_notice: str = ""
 
 
+# What a subscribe message's data fields may be filled from (mallgate.services.subscribe).
+SUBSCRIBE_SOURCES = ("order_no", "subject", "amount", "paid_at", "refunded_amount", "refunded_at")
+DEFAULT_SUBSCRIBE_DATA: dict[str, dict[str, str]] = {
+    "order_pay_success": {"character_string1": "order_no", "amount2": "amount", "time3": "paid_at"},
+    "refund_notice": {"character_string1": "order_no", "amount2": "refunded_amount", "time3": "refunded_at"},
+}
+
+
+class SubscribeSettings(BaseModel):
+    """The Mini Program subscribe messages sent from the outbox (order paid, refunded)."""
+
+    data: dict[str, dict[str, str]] = Field(
+        default_factory=lambda: {k: dict(v) for k, v in DEFAULT_SUBSCRIBE_DATA.items()},
+        description="JSON: template kind -> {template keyword: source}; sources: "
+        + ", ".join(SUBSCRIBE_SOURCES),
+    )
+    page: str = Field(
+        "", max_length=128, description="the page a message opens (a query may hold {order_no}); empty: none"
+    )
+    miniprogram_state: Literal["formal", "trial", "developer"] = "formal"
+    lang: Literal["zh_CN", "en_US", "zh_HK", "zh_TW"] = "zh_CN"
+
+    @field_validator("data")
+    @classmethod
+    def _data(cls, value: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+        for kind, fields in value.items():
+            if kind not in ("order_pay_success", "refund_notice"):
+                raise ValueError(f"{kind!r}: only order_pay_success and refund_notice are sent")
+            for keyword, source in fields.items():
+                if not re.fullmatch(r"[a-z_]+[0-9]+", keyword):
+                    raise ValueError(f"{keyword!r} is not a template keyword (e.g. thing1, amount2)")
+                if source not in SUBSCRIBE_SOURCES:
+                    known = ", ".join(SUBSCRIBE_SOURCES)
+                    raise ValueError(f"{kind}.{keyword}: source {source!r} is not one of {known}")
+        return value
+
+
+class SpreadSettings(BaseModel):
+    """spread/qrcode: which Mini Program pages a code may open, and how it is drawn."""
+
+    pages: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["pages/goods/detail"],
+        description="comma-separated Mini Program pages spread/qrcode may make codes for (its `type`)",
+    )
+    width: int = Field(430, ge=280, le=1280)
+    env_version: Literal["release", "trial", "develop"] = "release"
+    check_path: bool = Field(True, description="WeChat checks the page exists in the released version")
+
+    @field_validator("pages", mode="before")
+    @classmethod
+    def _pages(cls, value: object) -> list[str]:
+        pages = [p.strip() for p in _comma_list(value)]
+        for page in pages:
+            # WeChat's rule: no leading slash, no query (the data goes in the scene).
+            if not re.fullmatch(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*", page) or len(page) > 128:
+                raise ValueError(f"{page!r}: a page is a path like pages/goods/detail (no leading /, query)")
+        return pages
+
+
 class NotifySettings(BaseModel):
     """The payment-notification intake: what forged notices may cost. Per worker process."""
 
@@ -457,6 +516,9 @@ class Settings(BaseSettings):
         "emptied of them at start; unset: a fresh folder under the system's temporary directory each run",
     )
     min_free_mb: int = Field(100, ge=0, description="start-up warns when less is free under var_dir; 0 never")
+    media_dir: Path | None = Field(
+        None, description="public images (spread/qrcode's codes), served at /media/; unset: <var_dir>/media"
+    )
 
     @field_validator("metrics_dir", mode="before")
     @classmethod
@@ -474,6 +536,8 @@ class Settings(BaseSettings):
     apple: AppleSettings = AppleSettings()
     sms: SmsSettings = SmsSettings()
     templates: TemplateSettings = TemplateSettings()
+    subscribe: SubscribeSettings = SubscribeSettings()
+    spread: SpreadSettings = SpreadSettings()
     login: LoginSettings = LoginSettings()
     qrcode: QrcodeSettings = QrcodeSettings()
     notify: NotifySettings = NotifySettings()

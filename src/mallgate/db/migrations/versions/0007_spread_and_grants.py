@@ -28,7 +28,9 @@ def upgrade() -> None:
         sa.Column("media_path", sa.String(length=255), nullable=False),
         sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.PrimaryKeyConstraint("code", name=op.f("pk_scene_codes")),
-        sa.UniqueConstraint("page", "goods_id", "sharer_id", name=op.f("uq_scene_codes_page_goods_id_sharer_id")),
+        sa.UniqueConstraint(
+            "page", "goods_id", "sharer_id", name=op.f("uq_scene_codes_page_goods_id_sharer_id")
+        ),
     )
     op.create_table(
         "subscribe_grants",
