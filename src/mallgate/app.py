@@ -18,6 +18,7 @@ from fastapi.responses import Response
 from fastapi_offline import FastAPIOffline
 from starlette.datastructures import State
 from starlette.routing import BaseRoute, Route
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mallgate.clock import Clock
@@ -27,11 +28,14 @@ from mallgate.routes import account, admin, health, login, oauth, payments, qrco
 from mallgate.routes import admin_wechat as admin_wechat_routes
 from mallgate.routes import auth as auth_routes
 from mallgate.routes import share as share_routes
+from mallgate.routes import share_spread as spread_routes
+from mallgate.routes import templates as template_routes
 from mallgate.routes import wechat_mp as wechat_mp_routes
 from mallgate.routes import users as users_routes
 from mallgate.runtime import Runtime
 from mallgate.sandbox.app import MOUNT, create_sandbox_app, service_settings
 from mallgate.services import outbox_worker, wechat_push
+from mallgate.services.spread import MEDIA_ROUTE, media_dir
 from mallgate.settings import Settings
 
 log = logging.getLogger("mallgate")
@@ -73,6 +77,8 @@ def api_router() -> APIRouter:
     router.include_router(users_routes.router)
     router.include_router(auth_routes.router)
     router.include_router(share_routes.router)
+    router.include_router(spread_routes.router)
+    router.include_router(template_routes.router)
     router.include_router(wechat_mp_routes.router)
     return router
 
@@ -207,6 +213,8 @@ def create_app(
     app.include_router(health.router)
     app.include_router(admin.router)
     app.include_router(admin_wechat_routes.router)
+    # Public images (spread/qrcode's codes): the one folder under var/ that is not private.
+    app.mount(MEDIA_ROUTE, StaticFiles(directory=media_dir(settings), check_dir=False), name="media")
 
     if sandbox_app is not None:
         app.mount(MOUNT, sandbox_app)

@@ -186,6 +186,7 @@ def _standins(state: SandboxState) -> list[StandIn]:
     from mallgate.sandbox.wechat_oauth_standin import wechat_oauth_standin
     from mallgate.sandbox.wechat_push_standin import wechat_push_standin
     from mallgate.sandbox.wechat_standin import wechat_standin
+    from mallgate.sandbox.wechat_wxa_standin import wechat_wxa_standin
     from mallgate.sandbox.webhook_standin import webhook_standin
 
     return [
@@ -194,6 +195,7 @@ def _standins(state: SandboxState) -> list[StandIn]:
         wechat_standin(state),
         wechat_oauth_standin(state),
         wechat_push_standin(state),
+        wechat_wxa_standin(state),
         webhook_standin(state),
         wechat_mini_standin(state),
         qq_standin(state),
