@@ -35,6 +35,8 @@ db_app = typer.Typer(help="database")
 app.add_typer(db_app, name="db")
 notifications_app = typer.Typer(help="stored payment notifications: list, show, replay, prune")
 app.add_typer(notifications_app, name="notifications")
+outbox_app = typer.Typer(help="the outbox: events and their deliveries (webhook, subscribe messages)")
+app.add_typer(outbox_app, name="outbox")
 T = TypeVar("T")
 log = logging.getLogger("mallgate")
 
@@ -413,6 +415,67 @@ def notifications_prune(
     age = parse_duration(older_than)
     deleted = _run(lambda rt: prune(rt, older_than=age, refused_only=refused_only))
     typer.echo(f"{deleted} notification{'' if deleted == 1 else 's'} deleted")
+
+
+@outbox_app.command("list")
+def outbox_list(
+    state: Annotated[str, typer.Option(help="only deliveries in this state: pending, sent or failed")] = "",
+    limit: Annotated[int, typer.Option(min=1, max=10000, help="at most this many, newest first")] = 50,
+) -> None:
+    """The newest deliveries of outbox events, one line per event and sender."""
+    from mallgate.services.outbox_worker import list_deliveries
+
+    if state not in ("", "pending", "sent", "failed"):
+        raise typer.BadParameter("pending, sent or failed", param_hint="--state")
+    rows = _run(lambda rt: list_deliveries(rt, state=state, limit=limit))
+    for row in rows:
+        when = row["sent_at"] or row["next_attempt_at"] or ""
+        attempts = f"{row['attempts']} attempt{'' if row['attempts'] == 1 else 's'}"
+        typer.echo(
+            f"#{row['event_id']}  {row['topic']:<24}  {row['sender']:<10}  {row['state']:<7}  "
+            f"{attempts}  {when}  {row['last_error']}".rstrip()
+        )
+    if not rows:
+        typer.echo("no deliveries")
+
+
+@outbox_app.command("show")
+def outbox_show(event_id: Annotated[int, typer.Argument(help="the event's id")]) -> None:
+    """One outbox event: its payload and each sender's delivery."""
+    from mallgate.services.outbox_worker import show_event
+
+    event = _run(lambda rt: show_event(rt, event_id))
+    if event is None:
+        typer.echo(f"no outbox event #{event_id}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"#{event['id']}  {event['topic']}  created {event['created_at']}")
+    typer.echo("payload: " + json.dumps(event["payload"], ensure_ascii=False, sort_keys=True))
+    for row in event["deliveries"]:
+        typer.echo(
+            f"{row['sender']}: {row['state']}, {row['attempts']} attempts"
+            + (f", sent {row['sent_at']}" if row["sent_at"] else "")
+            + (f", next {row['next_attempt_at']}" if row["next_attempt_at"] else "")
+            + (f", last error: {row['last_error']}" if row["last_error"] else "")
+        )
+    if not event["deliveries"]:
+        typer.echo("no deliveries (yet, or no sender wants it)")
+
+
+@outbox_app.command("retry")
+def outbox_retry(event_id: Annotated[int, typer.Argument(help="the event's id")]) -> None:
+    """Send an event's failed deliveries again (the running service's worker does, at once)."""
+    from mallgate.services.outbox_worker import retry_event, show_event
+
+    async def work(rt: Runtime) -> int | None:
+        if await show_event(rt, event_id) is None:
+            return None
+        return await retry_event(rt, event_id)
+
+    count = _run(work)
+    if count is None:
+        typer.echo(f"no outbox event #{event_id}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"#{event_id}: {count} failed deliver{'y' if count == 1 else 'ies'} due again")
 
 
 @app.command()

@@ -429,3 +429,69 @@ async def stop(task: asyncio.Task[None] | None) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+# --- what the operator sees (`mallgate outbox list|show|retry`) ---
+
+
+def _delivery_row(row: OutboxDelivery, topic: str) -> dict[str, Any]:
+    return {
+        "event_id": row.event_id,
+        "topic": topic,
+        "sender": row.sender,
+        "state": row.state,
+        "attempts": row.attempts,
+        "next_attempt_at": row.next_attempt_at if row.state == PENDING else None,
+        "sent_at": row.sent_at,
+        "last_error": row.last_error,
+    }
+
+
+async def list_deliveries(runtime: Runtime, *, state: str = "", limit: int = 50) -> list[dict[str, Any]]:
+    """The newest deliveries, optionally of one state."""
+    query = select(D, OutboxEvent.topic).join(OutboxEvent, OutboxEvent.id == D.event_id)
+    if state:
+        query = query.where(D.state == state)
+    async with runtime.db.read() as session:
+        rows = (await session.execute(query.order_by(D.event_id.desc(), D.sender).limit(limit))).all()
+    return [_delivery_row(row[0], row[1]) for row in rows]
+
+
+async def show_event(runtime: Runtime, event_id: int) -> dict[str, Any] | None:
+    """One event, its payload and each sender's delivery; None when there is no such event."""
+    async with runtime.db.read() as session:
+        event = await session.get(OutboxEvent, event_id)
+        if event is None:
+            return None
+        rows = (await session.execute(select(D).where(D.event_id == event_id).order_by(D.sender))).scalars()
+        return {
+            "id": event.id,
+            "topic": event.topic,
+            "created_at": event.created_at,
+            "payload": json.loads(event.payload),
+            "deliveries": [_delivery_row(row, event.topic) for row in rows],
+        }
+
+
+async def retry_event(runtime: Runtime, event_id: int) -> int:
+    """Its failed deliveries are due again now, with a new retry window; returns how many.
+
+    Pending ones are left alone: one may be on its way right now, and a second send beside
+    it is what the claim exists to prevent.
+    """
+    now = runtime.clock.now()
+    statement = (
+        update(D)
+        .where(D.event_id == event_id, D.state == FAILED)
+        .values(
+            state=PENDING,
+            next_attempt_at=naive(now),
+            give_up_at=naive(now + runtime.settings.outbox.retry_for_seconds),
+        )
+        .execution_options(synchronize_session=False)
+    )
+
+    def reset(session: Session) -> int:
+        return session.execute(statement).rowcount  # type: ignore[attr-defined, no-any-return]
+
+    return await runtime.db.run_write(reset)
