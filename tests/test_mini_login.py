@@ -14,7 +14,7 @@ import pytest
 from test_oauth import PROFILE_KEYS, BlackHole, database, logged_in, new_code
 
 from conftest import Server, other_server
-from mallgate.channels.wechat_mini import decrypt_open_data, encrypt_open_data
+from mallgate.channels.wechat_mini import OpenDataRefused, decrypt_open_data, encrypt_open_data
 from mallgate.db.models import Identity
 from mallgate.sandbox.app import WECHAT_APP_APP_ID, WECHAT_MINI_APP_ID, WECHAT_MP_APP_ID
 from mallgate.secret_key import open_session_key, resolve
@@ -73,7 +73,7 @@ async def fail_next(client: httpx.AsyncClient, endpoint: str, errcode: int = 0, 
 async def identity_of(server: Server, openid: str) -> Identity:
     async with database(server) as db, db.read() as session:
         found = await session.scalar(select_identity(openid))
-        assert found is not None
+        assert isinstance(found, Identity)
         return found
 
 
@@ -118,7 +118,7 @@ async def test_a_returning_user_is_the_same_user_with_a_new_session_key(
     assert two["id"] == one["id"] and two["token"] != one["token"] and two["nickname"] == "改名了"
     identity = await identity_of(server, first["openid"])
     assert identity.session_key and identity.session_key != stored_first
-    binding = mini_login.session_key_binding(identity)
+    binding = mini_login.session_key_binding(identity.provider, identity.app_id, identity.openid)
     assert open_session_key(resolve(server.settings), identity.session_key, binding) == second["session_key"]
 
 
@@ -298,16 +298,40 @@ async def test_bad_encrypted_data_is_ignored_and_the_login_stands(
     assert profile["nickname"] == "微信用户"
 
 
-def test_the_official_demo_vector_decrypts() -> None:
-    """WeChat's published demo key and iv; the ciphertext is re-made here (its full text is not in the spec)."""
-    key, iv = "tiihtNczf5v6AKRyjwEUhQ==", "r7BXXKkLb8qrSNn05n0qiA=="
-    data = {
-        "openId": "oGZUI0egBJY1zhBYw2KhdUfwVJJE",
-        "watermark": {"timestamp": 1477314187, "appid": "wx4f4bc4dec97d474b"},
-    }
-    sealed = encrypt_open_data(key, iv, data)
-    found = decrypt_open_data(key, sealed, iv, app_id="wx4f4bc4dec97d474b", now=1477314187 + 10, max_age=600)
+# WeChat's decryption demo (WXBizDataCrypt), as published with it and copied by every SDK.
+DEMO_KEY = "tiihtNczf5v6AKRyjwEUhQ=="
+DEMO_IV = "r7BXXKkLb8qrSNn05n0qiA=="
+DEMO_DATA = (
+    "CiyLU1Aw2KjvrjMdj8YKliAjtP4gsMZMQmRzooG2xrDcvSnxIMXFufNstNGTyaGS9uT5geRa0W4oTOb1WT7fJlAC+oNPdbB+3hVbJSRg"
+    "v+4lGOETKUQz6OYStslQ142dNCuabNPGBzlooOmB231qMM85d2/fV6ChevvXvQP8Hkue1poOFtnEtpyxVLW1zAo6/1Xx1COxFvrc2d"
+    "7UL/lmHInNlxuacJXwu0fjpXfz/YqYzBIBzD6WUfTIF9GRHpOn/Hz7saL8xz+W//FRAUid1OksQaQx4CMs8LOddcQhULW4ucetDf96"
+    "JcR3g0gfRK4PC7E/r7Z6xNrXd2UIeorGj5Ef7b1pJAYB6Y5anaHqZ9J6nKEBvB4DnNLIVWSgARns/8wR2SiRS7MNACwTyrGvt9ts8p1"
+    "2PKFdlqYTopNHR1Vf7XjfhQlVsAJdNiKdYmYVoKlaRv85IfVunYzO0IKXsyl7JCUjCpoG20f0a04COwfneQAGGwd5oa+T8yO5hzuyDb"
+    "/XcxxmK01EpqOyuxINew=="
+)
+DEMO_APPID = "wx4f4bc4dec97d474b"
+DEMO_TIME = 1477314187
+
+
+def test_the_official_demo_vector_decrypts_and_its_watermark_is_checked() -> None:
+    found = decrypt_open_data(DEMO_KEY, DEMO_DATA, DEMO_IV, app_id=DEMO_APPID, now=DEMO_TIME + 5, max_age=600)
     assert found["openId"] == "oGZUI0egBJY1zhBYw2KhdUfwVJJE"
+    assert found["unionId"] == "ocMvos6NjeKLIBqg5Mr9QjxrP1FA"
+    assert found["watermark"] == {"timestamp": DEMO_TIME, "appid": DEMO_APPID}
+    for app_id, now in (
+        ("wx_other", DEMO_TIME),
+        (DEMO_APPID, DEMO_TIME + 601),
+        (DEMO_APPID, DEMO_TIME - 120),
+    ):
+        with pytest.raises(OpenDataRefused):
+            decrypt_open_data(DEMO_KEY, DEMO_DATA, DEMO_IV, app_id=app_id, now=now, max_age=600)
+    with pytest.raises(OpenDataRefused):  # another session_key: bad padding or not JSON, never a crash
+        decrypt_open_data(
+            "HyVFkGl5F5OQWJZZaNzBBg==", DEMO_DATA, DEMO_IV, app_id=DEMO_APPID, now=DEMO_TIME, max_age=600
+        )
+    # Our sealing (the sandbox's) is the inverse.
+    again = encrypt_open_data(DEMO_KEY, DEMO_IV, found)
+    assert decrypt_open_data(DEMO_KEY, again, DEMO_IV, app_id=DEMO_APPID, now=DEMO_TIME, max_age=600) == found
 
 
 # ------------------------------------------------------------------ phone numbers

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
-from sqlalchemy import select
+from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -275,19 +275,19 @@ async def _bind_mobile(session: AsyncSession, user: User, mobile: str) -> None:
 
 
 async def _keep_session_key(runtime: Runtime, session: AsyncSession, app_id: str, wx: MiniSession) -> None:
-    identity = (
-        await session.scalars(
-            select(Identity).where(
-                Identity.provider == accounts.WECHAT, Identity.app_id == app_id, Identity.openid == wx.openid
-            )
-        )
-    ).one()
-    identity.session_key = seal_session_key(runtime.secret_key, wx.session_key, session_key_binding(identity))
+    # One UPDATE, without loading the row: the binding is made of what the WHERE names.
+    binding = session_key_binding(accounts.WECHAT, app_id, wx.openid)
+    await session.execute(
+        update(Identity)
+        .where(Identity.provider == accounts.WECHAT, Identity.app_id == app_id, Identity.openid == wx.openid)
+        .values(session_key=seal_session_key(runtime.secret_key, wx.session_key, binding))
+        .execution_options(synchronize_session=False)
+    )
 
 
-def session_key_binding(identity: Identity) -> str:
+def session_key_binding(provider: str, app_id: str, openid: str) -> str:
     """What a sealed session_key is bound to: its own identity, nowhere else."""
-    return f"{identity.provider}:{identity.app_id}:{identity.openid}"
+    return f"{provider}:{app_id}:{openid}"
 
 
 async def _login_once(
