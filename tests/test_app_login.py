@@ -24,7 +24,14 @@ from mallgate.channels.qq import QQConnect, parse_graph
 from mallgate.channels.wechat_oauth import WechatOAuth
 from mallgate.db.models import Identity
 from mallgate.db.session import Database
-from mallgate.sandbox.app import APPLE_BUNDLE_ID, MOUNT, QQ_APP_ID, WECHAT_APP_APP_ID, WECHAT_MP_APP_ID
+from mallgate.sandbox.app import (
+    APPLE_BUNDLE_ID,
+    MOUNT,
+    QQ_APP_ID,
+    WECHAT_APP_APP_ID,
+    WECHAT_MINI_APP_ID,
+    WECHAT_MP_APP_ID,
+)
 from mallgate.sandbox.apple_standin import AppleStandIn
 from support import admin_get_user
 
@@ -143,7 +150,7 @@ async def test_weixin_new_user_then_the_same_user_again(client: httpx.AsyncClien
     assert len((await admin_get_user(client, first["id"]))["identities"]) == 1
 
 
-async def test_weixin_official_account_and_app_with_one_unionid_are_one_user(
+async def test_weixin_official_account_mini_program_and_app_with_one_unionid_are_one_user(
     client: httpx.AsyncClient, server: Server
 ) -> None:
     name = person()
@@ -152,8 +159,11 @@ async def test_weixin_official_account_and_app_with_one_unionid_are_one_user(
     openid, token = await wechat_app_token(client, server, name)
     app_profile = await logged_in(client, type="weixin", openid=openid, access_token=token)
     assert app_profile["id"] == oa_profile["id"]
+    mini_code = (await client.post(f"{WECHAT}/_test/mini/code", json={"name": name})).json()["code"]
+    mini = (await client.post("/api/auth", json={"code": mini_code})).json()
+    assert mini["status"] == 1 and mini["data"]["id"] == oa_profile["id"], mini
     identities = (await admin_get_user(client, oa_profile["id"]))["identities"]
-    assert {i["app_id"] for i in identities} == {WECHAT_MP_APP_ID, WECHAT_APP_APP_ID}
+    assert {i["app_id"] for i in identities} == {WECHAT_MP_APP_ID, WECHAT_APP_APP_ID, WECHAT_MINI_APP_ID}
     assert len({i["unionid"] for i in identities}) == 1
     # Someone else's APP login is another user.
     other_openid, other_token = await wechat_app_token(client, server, person())
@@ -525,6 +535,12 @@ async def test_the_console_mints_qq_tokens_and_shows_both_stand_ins(
     token = minted.text.split("<th>access_token</th><td><code>", 1)[1].split("</code>", 1)[0]
     profile = await logged_in(client, type="qq", access_token=token)
     assert profile["nickname"] == "表单用户"
+    wechat_page = await client.post(f"{MOUNT}/wechat-app/mint", data={"name": name, "nickname": "APP用户"})
+    assert wechat_page.status_code == 200 and 'id="minted"' in wechat_page.text
+    cells = wechat_page.text.split('id="minted"', 1)[1].split("<code>")
+    openid, token = cells[1].split("</code>", 1)[0], cells[2].split("</code>", 1)[0]
+    app_profile = await logged_in(client, type="weixin", openid=openid, access_token=token)
+    assert app_profile["nickname"] == "APP用户"
     apple_page = await client.get(APPLE)
     assert apple_page.status_code == 200 and "rotate" in apple_page.text
     ring = next(s for s in sandbox_resources(server) if isinstance(s, AppleStandIn)).ring

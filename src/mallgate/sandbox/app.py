@@ -182,6 +182,7 @@ def _standins(state: SandboxState) -> list[StandIn]:
     from mallgate.sandbox.payments import payment_standins
     from mallgate.sandbox.qq_standin import qq_standin
     from mallgate.sandbox.sms_standin import sms_standin
+    from mallgate.sandbox.wechat_app_standin import wechat_app_standin
     from mallgate.sandbox.wechat_mini_standin import wechat_mini_standin
     from mallgate.sandbox.wechat_oauth_standin import wechat_oauth_standin
     from mallgate.sandbox.wechat_push_standin import wechat_push_standin
@@ -198,6 +199,7 @@ def _standins(state: SandboxState) -> list[StandIn]:
         wechat_wxa_standin(state),
         webhook_standin(state),
         wechat_mini_standin(state),
+        wechat_app_standin(state),
         qq_standin(state),
         apple_standin(state),
     ]
