@@ -449,7 +449,7 @@ async def test_a_hanging_platform_answers_within_5_seconds(client: httpx.AsyncCl
     qq = await qq_token(client)
     apple = await apple_token(client)
     try:
-        overrides = {
+        overrides: dict[str, Any] = {
             "wechat": {"api_base": hole.url},
             "qq": {"api_base": hole.url + "/qq"},
             "apple": {"keys_url": hole.url + "/apple/auth/keys"},
