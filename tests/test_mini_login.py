@@ -12,6 +12,9 @@ from typing import Any
 import httpx
 import pytest
 from test_oauth import PROFILE_KEYS, BlackHole, database, logged_in, new_code
+from test_spread import login as spread_login
+from test_spread import make_goods, scene_of
+from test_spread import qrcode as spread_qrcode
 
 from conftest import Server, other_server
 from mallgate.channels.wechat_mini import OpenDataRefused, decrypt_open_data, encrypt_open_data
@@ -404,6 +407,17 @@ async def test_the_share_resolver_when_present_decides_what_a_scene_names(
     unknown = await auth_ok(client, code=(await mint(client))["code"], scene=str(sharer["id"]))
     assert (await admin_get_user(client, unknown["id"]))["spread_id"] == ""
     assert asked == ["s_known", str(sharer["id"])]
+
+
+async def test_a_scanned_share_code_makes_its_sharer_the_referrer(
+    server: Server, client: httpx.AsyncClient
+) -> None:
+    # Issue 11's real codes: spread/qrcode stores an opaque scene, auth resolves it.
+    token, sharer_id = await spread_login(client)
+    url = (await spread_qrcode(client, id=await make_goods(client), token=token))["data"]
+    scene = (await scene_of(server, url)).code
+    profile = await auth_ok(client, code=(await mint(client))["code"], scene=scene)
+    assert (await admin_get_user(client, profile["id"]))["spread_id"] == str(sharer_id)
 
 
 # ------------------------------------------------------------------ the stand-in
