@@ -168,6 +168,9 @@ async def test_a_wechat_error_answers_its_message_and_is_not_cached(
     failed = await qrcode(client, id=goods_id, token=token)
     assert failed["status"] == 0 and failed["code"] == "wechat.api_error" and failed["errcode"] == 41030
     assert "41030 invalid page" in failed["info"] and "rid" not in failed["info"]
+    wxa(server).book.queue_fault({"errcode": 40129, "errmsg": "invalid scene hint: [s4myva0106wxa3]"})
+    hinted = await qrcode(client, id=goods_id, token=token)
+    assert hinted["info"].endswith("40129 invalid scene"), hinted
     # The next request asks WeChat again (an error is never the cached image).
     again = await qrcode(client, id=goods_id, token=token)
     assert again["status"] == 1, again

@@ -19,6 +19,7 @@ from mallgate.runtime import Runtime
 from mallgate.services import subscribe
 from mallgate.services.accounts import WECHAT
 from mallgate.services.notifications import receive
+from mallgate.services.orders import PaymentEvent
 from mallgate.services.outbox_worker import Event, FinalError, registered_senders
 from mallgate.settings import Settings
 from support import admin_create_order, unique
@@ -130,15 +131,18 @@ async def mini_buyer(server: Server, templated: httpx.AsyncClient) -> tuple[str,
     return token, user_id, openid
 
 
+async def outbox_event(server: Server, topic: str, order_no: str) -> Event:
+    async with runtime_of(server).db.read() as session:
+        rows = (await session.execute(select(OutboxEvent).where(OutboxEvent.topic == topic))).scalars()
+        row = next(r for r in rows if order_no in r.payload)
+    return Event.from_row(row.id, row.topic, row.payload, row.created_at)
+
+
 async def paid_event(server: Server, templated: httpx.AsyncClient, user_id: int, amount: str) -> Event:
     order = await admin_create_order(templated, amount=amount, user_id=str(user_id), subject="测试商品")
-    runtime = runtime_of(server)
-    applied = await receive(runtime, raw(), lambda _r: pay(order["order_no"], amount))
+    applied = await receive(runtime_of(server), raw(), lambda _r: pay(order["order_no"], amount))
     assert applied.accepted
-    async with runtime.db.read() as session:
-        rows = (await session.execute(select(OutboxEvent).where(OutboxEvent.topic == "order.paid"))).scalars()
-        row = next(r for r in rows if order["order_no"] in r.payload)
-    return Event.from_row(row.id, row.topic, row.payload, row.created_at)
+    return await outbox_event(server, "order.paid", order["order_no"])
 
 
 def with_templates(server: Server) -> Settings:
@@ -203,3 +207,30 @@ def test_message_data_follows_the_mapping_setting(server: Server) -> None:
         "amount9": "¥5.00",
     }
     assert values["paid_at"] == "2026-01-02 11:04"  # Asia/Shanghai
+
+
+async def test_a_refund_sends_the_refund_notice(
+    server: Server, templated: httpx.AsyncClient, sending: Runtime
+) -> None:
+    token, user_id, openid = await mini_buyer(server, templated)
+    accept = {TEMPLATES["refund_notice"]: "accept"}
+    await templated.post("/api/template/accept", json={"token": token, "data": accept})
+    paid = await paid_event(server, templated, user_id, "20.00")
+    order_no = paid.payload["order_no"]
+    refund = PaymentEvent(
+        channel="alipay",
+        order_no=order_no,
+        action="refund",
+        trade_no=paid.payload["trade_no"],
+        refund_total=Decimal("7.50"),
+    )
+    assert (await receive(runtime_of(server), raw(), lambda _r: refund)).accepted
+    event = await outbox_event(server, "order.refunded", order_no)
+    # No grant of order_pay_success: the paid event's message is refused before any call.
+    with pytest.raises(FinalError, match="no unused grant"):
+        await subscribe.SENDER.send(sending, paid)
+    await subscribe.SENDER.send(sending, event)
+    [message] = wxa(server).book.sent(openid)
+    assert message.template_id == TEMPLATES["refund_notice"]
+    assert message.data["character_string1"] == {"value": order_no}
+    assert message.data["amount2"] == {"value": "¥7.50"}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -178,7 +179,7 @@ def _code_failure(exc: ChannelError) -> ApiError:
 
     if isinstance(exc, WechatApiError):
         # WeChat's own message (41030 invalid page, 45009 over the rate...) tells the operator what to fix.
-        message = exc.errmsg.split(" rid:")[0].strip() or "error"
+        message = re.split(r"\s+(?:rid|hint):", exc.errmsg)[0].strip() or "error"
         return ApiError(
             f"微信生成小程序码失败：{exc.errcode} {message}", "wechat.api_error", errcode=exc.errcode
         )
