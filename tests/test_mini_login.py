@@ -200,7 +200,10 @@ async def test_platform_busy_and_rate_limit_are_answered_with_their_own_codes(
     await fail_next(client, "jscode2session", 45011)
     body = await refused(client, "auth.too_frequent", code=minted["code"])
     assert body["retry_after"] == 60
-    # Neither spent the code.
+    await fail_next(client, "jscode2session", 40226)
+    body = await refused(client, "auth.platform_error", code=minted["code"])
+    assert body["errcode"] == 40226 and "40226" in body["info"]
+    # None spent the code.
     await auth_ok(client, code=minted["code"])
 
 

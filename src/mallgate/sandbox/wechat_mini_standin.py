@@ -68,7 +68,13 @@ MISSING_CODE: Final = (41008, "missing code")
 SESSION: Final = "jscode2session"
 PHONE: Final = "getuserphonenumber"
 ENDPOINTS: Final = (SESSION, PHONE)
-KNOWN_ERRORS: Final = {-1: BUSY[1], 40029: INVALID_CODE[1], 40163: CODE_USED[1], 45011: MINUTE_QUOTA[1]}
+KNOWN_ERRORS: Final = {
+    -1: BUSY[1],
+    40029: INVALID_CODE[1],
+    40163: CODE_USED[1],
+    40226: "code blocked",  # a high-risk user, refused by WeChat's login interception
+    45011: MINUTE_QUOTA[1],
+}
 
 
 def _new_code() -> str:
