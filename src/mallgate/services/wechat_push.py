@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Final
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from mallgate.channels.wechat_messages import (
@@ -79,20 +79,20 @@ async def claim(
     With `reply`, the push is claimed already answered (one transaction instead of two).
     """
     now = _now(runtime)
+    row = {
+        "dedupe_key": key,
+        # The registry's name of its class: "generic:<type>" when the registry had none.
+        "msg_type": (push.type_key or "generic:" + push_type(push))[:32],
+        "from_user": push.from_user[:64],
+        "received_at": now,
+        "outcome": outcome,
+        "reply": reply,
+        "finished_at": now if reply is not None else None,
+    }
     try:
-        async with runtime.db.transaction() as session:
-            session.add(
-                WechatPush(
-                    dedupe_key=key,
-                    # The registry's name of its class: "generic:<type>" when the registry had none.
-                    msg_type=(push.type_key or "generic:" + push_type(push))[:32],
-                    from_user=push.from_user[:64],
-                    received_at=now,
-                    outcome=outcome,
-                    reply=reply,
-                    finished_at=now if reply is not None else None,
-                )
-            )
+        # run_write: on SQLite, writers of several workers queue on the write lock instead of
+        # SQLite's busy handler, which sleeps in growing steps and stalled pushes for seconds.
+        await runtime.db.run_write(lambda session: session.execute(insert(WechatPush).values(**row)))
     except IntegrityError:
         return False
     state = _state(runtime)
@@ -111,12 +111,12 @@ async def earlier_reply(runtime: Runtime, key: str) -> str:
 
 
 async def _finish(runtime: Runtime, key: str, reply: str, outcome: str) -> None:
-    async with runtime.db.transaction() as session:
-        await session.execute(
-            update(WechatPush)
-            .where(WechatPush.dedupe_key == key)
-            .values(reply=reply, outcome=outcome, finished_at=_now(runtime))
-        )
+    change = (
+        update(WechatPush)
+        .where(WechatPush.dedupe_key == key)
+        .values(reply=reply, outcome=outcome, finished_at=_now(runtime))
+    )
+    await runtime.db.run_write(lambda session: session.execute(change))
 
 
 # ---------------------------------------------------------------------------------------------
