@@ -234,3 +234,25 @@ async def test_a_refund_sends_the_refund_notice(
     assert message.template_id == TEMPLATES["refund_notice"]
     assert message.data["character_string1"] == {"value": order_no}
     assert message.data["amount2"] == {"value": "¥7.50"}
+
+
+async def test_the_stand_in_checks_the_token_and_the_console_sets_consent(
+    server: Server, client: httpx.AsyncClient
+) -> None:
+    body = {"touser": "o-nobody", "template_id": "t", "data": {"thing1": {"value": "x"}}}
+    refused = await client.post(
+        "/_sandbox/wechat/cgi-bin/message/subscribe/send?access_token=forged", json=body
+    )
+    assert refused.json()["errcode"] == 40001
+    openid = unique("o")
+    form = await client.post(
+        "/_sandbox/wechat/_test/subscribe/consent",
+        data={"openid": openid, "consent": "0"},
+        follow_redirects=False,
+    )
+    assert form.status_code == 303 and form.headers["location"].startswith("/_sandbox/")
+    assert openid in wxa(server).book.refusing()
+    console = (await client.get("/_sandbox/")).text
+    assert openid in console and 'action="./wechat/_test/subscribe/consent"' in console
+    await client.post("/_sandbox/wechat/_test/subscribe/consent", json={"openid": openid, "consent": True})
+    assert openid not in wxa(server).book.refusing()
