@@ -131,8 +131,12 @@ async def test_two_workers_never_send_the_same_event_at_the_same_time(runtime: R
     one, two = worker(runtime, recorder), worker(runtime, recorder)
     await one.plan([recorder])
     # Even without the lease (both passes at once), each delivery is claimed by one of them.
-    results = await asyncio.gather(one.run_once(), two.run_once(), one.run_once(), two.run_once())
-    assert sum(results) == 30
+    total = 0
+    for _ in range(30):  # a claim that gave way (a deadlock on MySQL) is taken at a later pass
+        total += sum(await asyncio.gather(one.run_once(), two.run_once(), one.run_once(), two.run_once()))
+        if total >= 30:
+            break
+    assert total == 30
     assert sorted(recorder.sent) == ids and recorder.overlaps == []
     assert {row.state for row in await deliveries(runtime, recorder.name)} == {"sent"}
 
@@ -234,7 +238,8 @@ async def test_a_receiver_answering_500_gets_retries_with_backoff_then_success_e
     first = runtime.settings.outbox.backoff_first_seconds
     # Exponential with jitter: attempt n waits between half and all of first * 2**(n-1).
     for n, wait in enumerate(waits, start=1):
-        assert first * 2 ** (n - 1) / 2 - 0.1 <= wait <= first * 2 ** (n - 1) + 0.1
+        # (MySQL's DATETIME keeps whole seconds: up to one less.)
+        assert first * 2 ** (n - 1) / 2 - 1.1 <= wait <= first * 2 ** (n - 1) + 0.1
     assert await runner.run_once() == 1
     [row] = await deliveries(runtime, sender.name)
     assert (row.state, row.attempts) == ("sent", 4) and row.sent_at is not None
@@ -286,7 +291,8 @@ async def test_paying_an_order_leads_to_one_signed_webhook(server: Server, clien
         received: list[dict[str, Any]] = []
         for _ in range(300):
             answer = await client.get("/_sandbox/webhooks/received", params={"event_id": str(event_id)})
-            received = answer.json()["received"]
+            # The receiver's book is shared by the runs on every database: its ids repeat across them.
+            received = [r for r in answer.json()["received"] if order["order_no"] in r["body"]]
             if received:
                 break
             await asyncio.sleep(0.05)
@@ -294,14 +300,18 @@ async def test_paying_an_order_leads_to_one_signed_webhook(server: Server, clien
         assert (one["signature"], one["status"], one["topic"]) == ("ok", 200, "order.paid")
         body = json.loads(one["body"])
         assert body["data"]["order_no"] == order["order_no"] and body["data"]["amount"] == "12.30"
-        async with runtime.db.read() as session:
-            [state] = (
-                await session.execute(
-                    select(OutboxDelivery.state).where(
-                        OutboxDelivery.event_id == event_id, OutboxDelivery.sender == "webhook"
+        for _ in range(300):  # recorded once the worker's whole pass is done
+            async with runtime.db.read() as session:
+                [state] = (
+                    await session.execute(
+                        select(OutboxDelivery.state).where(
+                            OutboxDelivery.event_id == event_id, OutboxDelivery.sender == "webhook"
+                        )
                     )
-                )
-            ).scalars()
+                ).scalars()
+            if state == "sent":
+                break
+            await asyncio.sleep(0.05)
         assert state == "sent"
     finally:
         await runtime.close()

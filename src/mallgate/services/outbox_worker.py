@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 
 from sqlalchemy import insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, aliased
 
 from mallgate.db.models import CacheEntry, OutboxDelivery, OutboxEvent, table_of
@@ -147,6 +147,14 @@ class Claimed:
     event: Event
 
 
+@dataclass(frozen=True)
+class Outcome:
+    delivery_id: int
+    state: str
+    error: str
+    retry_at: float | None = None
+
+
 D = OutboxDelivery
 _EVENT = select(OutboxEvent.id, OutboxEvent.topic, OutboxEvent.payload, OutboxEvent.created_at)
 
@@ -207,11 +215,12 @@ class OutboxWorker:
         if claimed:
             limit = asyncio.Semaphore(self.settings.concurrency)
 
-            async def one(item: Claimed) -> None:
+            async def one(item: Claimed) -> Outcome:
                 async with limit:
-                    await self.deliver(senders[item.sender], item)
+                    return await self.attempt(senders[item.sender], item)
 
-            await asyncio.gather(*(one(item) for item in claimed))
+            # One write records the whole pass: a crash before it sends these again (at least once).
+            await self.record(await asyncio.gather(*(one(item) for item in claimed)))
         return len(claimed)
 
     # --- the runner lease (a cache_entries row) ---
@@ -351,8 +360,12 @@ class OutboxWorker:
 
         def take(session: Session) -> list[tuple[int, int, str, int, datetime]]:
             bound = query
-            if session.get_bind().dialect.name == "postgresql":
+            dialect = session.get_bind().dialect.name
+            # Rows another runner is claiming are passed over, not waited for (MariaDB 10.6+ too).
+            if dialect == "postgresql":
                 bound = query.with_for_update(skip_locked=True, of=D)
+            elif dialect in ("mysql", "mariadb"):
+                bound = query.with_for_update(skip_locked=True)
             taken = []
             for row in session.execute(bound):
                 # The conditional UPDATE is the claim on every database: of two workers, one wins.
@@ -366,7 +379,12 @@ class OutboxWorker:
                     taken.append((row[0], row[1], row[2], row[3] + 1, row[4]))
             return taken
 
-        taken = await self.runtime.db.run_write(take)
+        try:
+            taken = await self.runtime.db.run_write(take)
+        except OperationalError as exc:
+            # A deadlock with a runner that briefly held the lease too: its claims stand, ours wait.
+            log.info("outbox claim gave way: %s", type(exc.orig).__name__)
+            return []
         if not taken:
             return []
         async with self.runtime.db.read() as session:
@@ -379,10 +397,16 @@ class OutboxWorker:
     # --- sending and recording ---
 
     async def deliver(self, sender: Sender, item: Claimed) -> str:
+        """Sends one claimed delivery and records the outcome; returns the new state."""
+        outcome = await self.attempt(sender, item)
+        await self.record([outcome])
+        return outcome.state
+
+    async def attempt(self, sender: Sender, item: Claimed) -> Outcome:
         try:
             await sender.send(self.runtime, item.event)
         except FinalError as exc:
-            return await self._record(item, FAILED, str(exc) or type(exc).__name__)
+            return Outcome(item.delivery_id, FAILED, str(exc) or type(exc).__name__)
         except asyncio.CancelledError:
             raise  # the claim runs out and another pass sends it
         except Exception as exc:
@@ -390,26 +414,32 @@ class OutboxWorker:
             if not isinstance(exc, TransientError):
                 log.exception("outbox sender %s raised", sender.name)
             if self.now() >= seconds(item.give_up_at):
-                return await self._record(item, FAILED, f"gave up after {item.attempts} attempts: {reason}")
+                return Outcome(item.delivery_id, FAILED, f"gave up after {item.attempts} attempts: {reason}")
             retry_at = self.now() + backoff(self.settings, item.attempts)
-            return await self._record(item, PENDING, reason or "transient", retry_at=retry_at)
-        return await self._record(item, SENT, "")
+            return Outcome(item.delivery_id, PENDING, reason or "transient", retry_at)
+        return Outcome(item.delivery_id, SENT, "")
 
-    async def _record(self, item: Claimed, state: str, error: str, *, retry_at: float | None = None) -> str:
-        now = self.now()
-        values: dict[str, Any] = {"state": state, "last_error": error[:255]}
-        if state == SENT:
-            values["sent_at"] = naive(now)
-        if retry_at is not None:
-            values["next_attempt_at"] = naive(retry_at)
-        statement = (
-            update(D)
-            .where(D.id == item.delivery_id, D.state == PENDING)
-            .values(**values)
-            .execution_options(synchronize_session=False)
-        )
-        await self.runtime.db.run_write(lambda session: session.execute(statement))
-        return state
+    async def record(self, outcomes: list[Outcome]) -> None:
+        now = naive(self.now())
+        statements = []
+        for outcome in outcomes:
+            values: dict[str, Any] = {"state": outcome.state, "last_error": outcome.error[:255]}
+            if outcome.state == SENT:
+                values["sent_at"] = now
+            if outcome.retry_at is not None:
+                values["next_attempt_at"] = naive(outcome.retry_at)
+            statements.append(
+                update(D)
+                .where(D.id == outcome.delivery_id, D.state == PENDING)
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            )
+
+        def write(session: Session) -> None:
+            for statement in statements:
+                session.execute(statement)
+
+        await self.runtime.db.run_write(write)
 
 
 # --- started by the app's lifespan ---
