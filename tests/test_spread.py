@@ -189,3 +189,14 @@ async def test_pages_come_from_the_allow_list_setting(server: Server, client: ht
         assert answer["status"] == 1, answer
         image = await other.get(urlsplit(answer["data"]).path)
     assert decode(image.content).startswith("pages/shop/item?scene=")
+
+
+async def test_concurrent_first_calls_ask_wechat_once(server: Server, client: httpx.AsyncClient) -> None:
+    import asyncio
+
+    token, _ = await login(client)
+    goods_id = await make_goods(client)
+    before = code_count(server)
+    answers = await asyncio.gather(*(qrcode(client, id=goods_id, token=token) for _ in range(6)))
+    assert {a["status"] for a in answers} == {1} and len({a["data"] for a in answers}) == 1
+    assert code_count(server) == before + 1

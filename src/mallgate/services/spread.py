@@ -139,13 +139,16 @@ async def spread_qrcode(runtime: Runtime, sharer_id: int, goods_id: int, page: s
     if row.media_path and (folder / row.media_path).is_file():
         return media_url(runtime.settings, row.media_path)
     locks: dict[str, asyncio.Lock] = runtime.services.setdefault(_LOCKS_KEY, {})
-    async with locks.setdefault(row.code, asyncio.Lock()):
-        async with runtime.db.read() as session:
-            fresh = await session.get(SceneCode, row.code)
-        if fresh is not None and fresh.media_path and (folder / fresh.media_path).is_file():
-            return media_url(runtime.settings, fresh.media_path)
-        relative = await _fetch_and_store(runtime, app, row, folder)
-    locks.pop(row.code, None)
+    try:
+        async with locks.setdefault(row.code, asyncio.Lock()):
+            async with runtime.db.read() as session:
+                fresh = await session.get(SceneCode, row.code)
+            if fresh is not None and fresh.media_path and (folder / fresh.media_path).is_file():
+                return media_url(runtime.settings, fresh.media_path)
+            relative = await _fetch_and_store(runtime, app, row, folder)
+    finally:
+        # Waiters still hold the lock object; later callers find the file.
+        locks.pop(row.code, None)
     return media_url(runtime.settings, relative)
 
 
