@@ -31,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from load import Result, free_port, python_load, start_mallgate, stop
+from sqlalchemy.orm import Session
 
 from mallgate.db.session import Database
 from mallgate.services.outbox import add_event
@@ -84,13 +85,13 @@ async def write_events(url: str, count: int, tag: str) -> None:
     db = Database(url)
     now = datetime.now(UTC).replace(tzinfo=None)
 
-    def write(session: object) -> None:
-        conn = session.connection()  # type: ignore[attr-defined]
+    def write(session: Session) -> None:
+        conn = session.connection()
         for n in range(count):
             add_event(conn, "bench.event", {"order_no": f"{tag}-{n}", "n": n}, now)
 
     try:
-        await db.run_write(write)  # type: ignore[arg-type]
+        await db.run_write(write)
     finally:
         await db.dispose()
 
@@ -137,10 +138,10 @@ def main() -> None:
     rates: list[float] = []
     try:
         for n in range(1, args.rounds + 1):
-            floor = python_load(
+            load = python_load(
                 base, lambda _i: ("GET", "/floor", {}, b""), args.connections, args.seconds, f"floor {n}"
             )
-            floors.append(asyncio.run(floor))
+            floors.append(asyncio.run(load))
             rates.append(delivered_per_second(url, tally, args.events, f"R{n}", args.timeout))
     finally:
         stop(proc)

@@ -429,7 +429,7 @@ MIN_WEBHOOK_SECRET = 16
 class OutboxSettings(BaseModel):
     """The outbox worker (mallgate.services.outbox_worker): one runner across all workers and machines."""
 
-    enabled: bool = Field(True, description="run the outbox worker in `serve` (one runner at a time, by lease)")
+    enabled: bool = Field(True, description="run the outbox worker in `serve` (one runner at a time)")
     poll_seconds: float = Field(1.0, gt=0, le=60, description="how often the runner looks for due deliveries")
     batch: int = Field(100, ge=1, le=1000, description="deliveries claimed per pass")
     concurrency: int = Field(16, ge=1, le=256, description="deliveries sent at the same time")
@@ -437,7 +437,7 @@ class OutboxSettings(BaseModel):
         30.0, ge=2, description="the runner's lease; a runner that died is taken over after this long"
     )
     claim_seconds: float = Field(
-        120.0, ge=5, description="a claimed delivery not recorded within this long (its worker died) is due again"
+        120.0, ge=5, description="a claimed delivery not recorded within this long is due again"
     )
     backoff_first_seconds: float = Field(5.0, gt=0, description="the wait after a first failed attempt")
     backoff_max_seconds: float = Field(1800.0, gt=0, description="the longest wait between two attempts")
@@ -459,7 +459,7 @@ class WebhookSettings(BaseModel):
     def _secret_with_url(self) -> WebhookSettings:
         # An unsigned event could be forged by anyone who finds the URL: refused at start-up.
         if self.url and len(self.secret) < MIN_WEBHOOK_SECRET:
-            raise ValueError(f"MALLGATE_WEBHOOK__SECRET of at least {MIN_WEBHOOK_SECRET} characters is needed")
+            raise ValueError(f"needs MALLGATE_WEBHOOK__SECRET of at least {MIN_WEBHOOK_SECRET} characters")
         return self
 
 

@@ -182,13 +182,13 @@ def _standins(state: SandboxState) -> list[StandIn]:
     from mallgate.sandbox.payments import payment_standins
     from mallgate.sandbox.qq_standin import qq_standin
     from mallgate.sandbox.sms_standin import sms_standin
+    from mallgate.sandbox.webhook_standin import webhook_standin
     from mallgate.sandbox.wechat_app_standin import wechat_app_standin
     from mallgate.sandbox.wechat_mini_standin import wechat_mini_standin
     from mallgate.sandbox.wechat_oauth_standin import wechat_oauth_standin
     from mallgate.sandbox.wechat_push_standin import wechat_push_standin
     from mallgate.sandbox.wechat_standin import wechat_standin
     from mallgate.sandbox.wechat_wxa_standin import wechat_wxa_standin
-    from mallgate.sandbox.webhook_standin import webhook_standin
 
     return [
         *payment_standins(state),
