@@ -123,6 +123,11 @@ async def test_a_returning_user_is_the_same_user_with_a_new_session_key(
     assert identity.session_key and identity.session_key != stored_first
     binding = mini_login.session_key_binding(identity.provider, identity.app_id, identity.openid)
     assert open_session_key(resolve(server.settings), identity.session_key, binding) == second["session_key"]
+    # WeChat's anonymous placeholder (what getUserProfile answers today) keeps the stored name.
+    three = await auth_ok(
+        client, code=(await mint(client, name=name))["code"], userInfo={"nickName": "微信用户"}
+    )
+    assert three["id"] == one["id"] and three["nickname"] == "改名了"
 
 
 async def test_the_session_key_is_in_no_answer_no_log_and_not_stored_in_clear(

@@ -107,9 +107,15 @@ def _gender(value: Any) -> int:
     return value if isinstance(value, int) and value in (1, 2) else 0
 
 
+# What wx.getUserProfile / getUserInfo answer for everyone since late 2022 (basic library
+# 2.27.1): a placeholder, never the person's name, so it never overwrites a stored one.
+ANONYMOUS_NICKNAME: Final = "微信用户"
+
+
 def _profile_of(data: dict[str, Any]) -> _Profile:
+    nickname = _field(data, "nickName")
     return _Profile(
-        nickname=_field(data, "nickName"),
+        nickname="" if nickname.strip() == ANONYMOUS_NICKNAME else nickname,
         avatar=_field(data, "avatarUrl"),
         sex=_gender(data.get("gender")),
         unionid=_field(data, "unionId"),
