@@ -8,6 +8,7 @@ so they neither wait for nor disturb the server's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -322,3 +323,23 @@ def test_event_time_is_utc_text() -> None:
     from mallgate.channels.webhook import body_of
 
     assert json.loads(body_of(event))["created_at"] == "2026-12-01T08:00:00Z"
+
+
+async def test_the_loop_sends_and_gives_the_lease_up_when_stopped(runtime: Runtime) -> None:
+    recorder = Recorder(unique("test.loop."))
+    key = unique("outbox:loop:")
+    running = worker(runtime, recorder, lease_key=key)
+    task = asyncio.create_task(running.run())
+    try:
+        [event_id] = await add_events(runtime, recorder.topic)
+        for _ in range(300):
+            if recorder.sent:
+                break
+            await asyncio.sleep(0.05)
+        assert recorder.sent == [event_id]
+        assert not await worker(runtime, lease_key=key).take_lease()  # held while it runs
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert await worker(runtime, lease_key=key).take_lease()  # released at once, not after it runs out

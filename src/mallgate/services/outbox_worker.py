@@ -18,7 +18,7 @@ import os
 import random
 import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
@@ -104,7 +104,8 @@ FAILED: Final = "failed"
 # an event's transaction may commit a little after a later one's, never minutes after.
 _RESCAN_SECONDS: Final = 300.0
 _PLAN_PAGE: Final = 500
-_EPOCH: Final = datetime(1970, 1, 1)
+# "Due now" is written a second early: MySQL's DATETIME keeps whole seconds and may round up.
+_DUE_SLACK: Final = 1.0
 log = logging.getLogger("mallgate.outbox")
 
 
@@ -194,7 +195,7 @@ class OutboxWorker:
                 busy = False
                 try:
                     if await self.take_lease():
-                        busy = await self.run_once() >= self.settings.batch
+                        busy = await self._renewing(self.run_once()) >= self.settings.batch
                 except asyncio.CancelledError:
                     raise
                 except Exception:  # a database blip must not end the worker for the process's life
@@ -204,6 +205,23 @@ class OutboxWorker:
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.release_lease())
+
+    async def _renewing(self, work: Awaitable[int]) -> int:
+        """`work` with the lease renewed beside it: a pass of slow receivers outlasts one lease."""
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(self.settings.lease_seconds / 3)
+                with contextlib.suppress(Exception):  # lost or unreachable: the claims still hold
+                    await self.take_lease()
+
+        renewer = asyncio.create_task(renew())
+        try:
+            return await work
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
 
     async def run_once(self) -> int:
         """One pass: new events become deliveries, due ones are claimed and sent. Returns how many."""
@@ -312,7 +330,7 @@ class OutboxWorker:
             "ordering_key": ordering_key(event),
             "state": PENDING,
             "attempts": 0,
-            "next_attempt_at": naive(now),
+            "next_attempt_at": naive(now - _DUE_SLACK),
             "give_up_at": naive(seconds(event.created_at) + self.settings.retry_for_seconds),
             "last_error": "",
             "created_at": naive(now),
@@ -515,7 +533,7 @@ async def retry_event(runtime: Runtime, event_id: int) -> int:
         .where(D.event_id == event_id, D.state == FAILED)
         .values(
             state=PENDING,
-            next_attempt_at=naive(now),
+            next_attempt_at=naive(now - _DUE_SLACK),
             give_up_at=naive(now + runtime.settings.outbox.retry_for_seconds),
         )
         .execution_options(synchronize_session=False)
