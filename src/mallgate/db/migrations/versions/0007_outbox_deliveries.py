@@ -1,7 +1,7 @@
 """outbox deliveries: each outbox event through each sender, with its attempts and backoff
 
-Revision ID: 0006
-Revises: 0007
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-12-01
 """
 
@@ -10,9 +10,9 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0006"
+revision = "0007"
 # After 0007: 0007 (spread and grants) was committed first on top of 0005, and one head is needed.
-down_revision = "0007"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
