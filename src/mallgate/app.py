@@ -30,8 +30,8 @@ from mallgate.routes import auth as auth_routes
 from mallgate.routes import share as share_routes
 from mallgate.routes import share_spread as spread_routes
 from mallgate.routes import templates as template_routes
-from mallgate.routes import wechat_mp as wechat_mp_routes
 from mallgate.routes import users as users_routes
+from mallgate.routes import wechat_mp as wechat_mp_routes
 from mallgate.runtime import Runtime
 from mallgate.sandbox.app import MOUNT, create_sandbox_app, service_settings
 from mallgate.services import outbox_worker, wechat_push
@@ -74,11 +74,11 @@ def api_router() -> APIRouter:
     router.include_router(sms.router)
     router.include_router(login.router)
     router.include_router(oauth.router)
-    router.include_router(users_routes.router)
     router.include_router(auth_routes.router)
     router.include_router(share_routes.router)
     router.include_router(spread_routes.router)
     router.include_router(template_routes.router)
+    router.include_router(users_routes.router)
     router.include_router(wechat_mp_routes.router)
     return router
 

@@ -260,8 +260,7 @@ class WechatMpSettings(WechatAppCredentials):
 class WechatSettings(BaseModel):
     api_base: HttpUrl = "https://api.weixin.qq.com"
     # The OAuth consent page's host (the sandbox plays it at /_sandbox/wechat).
-    oauth_base: str = "https://open.weixin.qq.com"
-
+    oauth_base: HttpUrl = "https://open.weixin.qq.com"
     # The shared access_token / jsapi_ticket (mallgate.services.wechat_tokens).
     token_refresh_margin_seconds: int = Field(
         300, ge=0, le=1800, description="refresh a token or ticket this long before it expires"
