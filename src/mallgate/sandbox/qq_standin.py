@@ -24,8 +24,8 @@ import json
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import closing, contextmanager
+from collections.abc import Mapping
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -34,7 +34,7 @@ from urllib.parse import parse_qsl
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from mallgate.private_files import ensure_private_file
+from mallgate.sandbox.book import SqliteBook
 from mallgate.sandbox.pages import render
 
 if TYPE_CHECKING:
@@ -74,13 +74,12 @@ class Minted:
     at: float
 
 
-class QQBook:
+class QQBook(SqliteBook):
     """Tokens and calls, in one SQLite file shared by the sandbox's workers."""
 
     def __init__(self, path: Path) -> None:
-        ensure_private_file(path)
-        self.path = path
-        with self._db() as db:
+        super().__init__(path)
+        with self._write() as db:
             db.execute(
                 "CREATE TABLE IF NOT EXISTS tokens (token TEXT PRIMARY KEY, client_id TEXT, openid TEXT,"
                 " unionid TEXT, nickname TEXT, userinfo INTEGER, at REAL, expires REAL, revoked INTEGER)"
@@ -89,17 +88,6 @@ class QQBook:
                 "CREATE TABLE IF NOT EXISTS calls (id INTEGER PRIMARY KEY AUTOINCREMENT, endpoint TEXT,"
                 " error INTEGER, at REAL)"
             )
-
-    @contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
-        with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
 
     def mint(self, form: Mapping[str, str], default_client: str, now: float) -> Minted:
         name = form.get("name", "").strip()[:64] or "sandbox-user"
@@ -113,7 +101,7 @@ class QQBook:
             nickname=form.get("nickname", "").strip()[:64] or name,
             at=now,
         )
-        with self._db() as db:
+        with self._write() as db:
             db.execute(
                 "INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0)",
                 (
@@ -148,7 +136,7 @@ class QQBook:
         return row, None
 
     def me(self, token: str, with_unionid: bool, now: float) -> dict[str, Any]:
-        with self._db() as db:
+        with self._write() as db:
             row, problem = self._find(db, token, now)
             if problem:
                 answer: dict[str, Any] = {"error": problem[0], "error_description": problem[1]}
@@ -163,7 +151,7 @@ class QQBook:
         return answer
 
     def user_info(self, params: Mapping[str, str], now: float) -> dict[str, Any]:
-        with self._db() as db:
+        with self._write() as db:
             row, problem = self._find(db, params.get("access_token", ""), now)
             if problem is None and row is not None:
                 if params.get("oauth_consumer_key") != row[0] or params.get("openid") != row[1]:
@@ -177,7 +165,7 @@ class QQBook:
         return answer
 
     def age(self, token: str, *, revoke: bool) -> int:
-        with self._db() as db:
+        with self._write() as db:
             sql = (
                 "UPDATE tokens SET revoked = 1 WHERE token = ?"
                 if revoke

@@ -23,8 +23,7 @@ import asyncio
 import json
 import sqlite3
 import uuid
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,7 +37,7 @@ from mallgate.channels import aliyun_v3, sms_aliyun, sms_tencent
 from mallgate.channels.sms import SANDBOX_ALIYUN
 from mallgate.clock import Clock, default_clock
 from mallgate.mobile import parse_mobile
-from mallgate.private_files import ensure_private_file
+from mallgate.sandbox.book import SqliteBook
 from mallgate.sandbox.pages import render
 from mallgate.settings import TencentSmsSettings
 
@@ -91,12 +90,11 @@ class Message:
         }
 
 
-class SmsBook:
+class SmsBook(SqliteBook):
     """The messages, per-number rules and used Aliyun nonces, in one SQLite file shared by workers."""
 
     def __init__(self, path: Path) -> None:
-        ensure_private_file(path)
-        self.path = path
+        super().__init__(path)
         with self._write() as db:
             db.execute(
                 "CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY AUTOINCREMENT, provider TEXT,"
@@ -106,17 +104,6 @@ class SmsBook:
             db.execute("CREATE TABLE IF NOT EXISTS rules (mobile TEXT PRIMARY KEY, rule TEXT)")
             db.execute("CREATE TABLE IF NOT EXISTS nonces (nonce TEXT PRIMARY KEY, at REAL)")
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        # BEGIN IMMEDIATE: check-then-insert runs under the file's write lock, across processes.
-        with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
 
     def _read(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=30)

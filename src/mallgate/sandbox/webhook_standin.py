@@ -18,8 +18,7 @@ import hmac
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Final
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
-from mallgate.private_files import ensure_private_file
+from mallgate.sandbox.book import SqliteBook
 from mallgate.sandbox.pages import render
 from mallgate.webhooks import EVENT_ID_HEADER, SIGNATURE_HEADER, WebhookRejected, verify_webhook
 
@@ -68,10 +67,9 @@ class Received:
         }
 
 
-class WebhookBook:
+class WebhookBook(SqliteBook):
     def __init__(self, path: Path) -> None:
-        ensure_private_file(path)
-        self.path = path
+        super().__init__(path)
         with self._write() as db:
             db.execute(
                 "CREATE TABLE IF NOT EXISTS received (id INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT,"
@@ -79,16 +77,6 @@ class WebhookBook:
             )
             db.execute("CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value INTEGER)")
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
 
     def record(self, event_id: str, topic: str, signature: str, body: str, at: float) -> int:
         """Stores a delivery; answers 500 while the fail counter lasts (and counts it down), else 200."""

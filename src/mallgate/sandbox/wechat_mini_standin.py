@@ -26,8 +26,8 @@ import secrets
 import sqlite3
 import string
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import closing, contextmanager
+from collections.abc import Mapping
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -37,7 +37,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
 from mallgate.channels.wechat_mini import encrypt_open_data
-from mallgate.private_files import ensure_private_file
+from mallgate.sandbox.book import SqliteBook
 from mallgate.sandbox.pages import render
 from mallgate.sandbox.wechat_oauth_standin import openid_of, unionid_of
 from mallgate.sandbox.wechat_standin import (
@@ -91,12 +91,11 @@ class Minted:
     used: bool
 
 
-class MiniBook:
+class MiniBook(SqliteBook):
     """Minted codes and calls, in one SQLite file shared by the sandbox's workers."""
 
     def __init__(self, path: Path, apps: Mapping[str, str]) -> None:
-        ensure_private_file(path)
-        self.path = path
+        super().__init__(path)
         self.apps = dict(apps)
         with self._write() as db:
             db.execute(
@@ -116,17 +115,6 @@ class MiniBook:
                 " delay REAL)"
             )
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        # BEGIN IMMEDIATE: "a code works once" holds across the sandbox's worker processes.
-        with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
 
     # --- what the phone has ---
 

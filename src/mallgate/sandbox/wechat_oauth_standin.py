@@ -30,8 +30,8 @@ import secrets
 import sqlite3
 import string
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import closing, contextmanager
+from collections.abc import Mapping
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -40,7 +40,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
-from mallgate.private_files import ensure_private_file
+from mallgate.sandbox.book import SqliteBook
 from mallgate.sandbox.pages import render
 from mallgate.sandbox.wechat_standin import (
     EXPIRED,
@@ -116,12 +116,11 @@ class IssuedCode:
         return "expired" if now - self.at > CODE_LIFETIME else "unused"
 
 
-class OAuthBook:
+class OAuthBook(SqliteBook):
     """Codes, web tokens and calls, in one SQLite file shared by the sandbox's workers."""
 
     def __init__(self, path: Path, apps: Mapping[str, str]) -> None:
-        ensure_private_file(path)
-        self.path = path
+        super().__init__(path)
         self.apps = dict(apps)
         with self._write() as db:
             db.execute(
@@ -138,17 +137,6 @@ class OAuthBook:
                 " app_id TEXT, errcode INTEGER, at REAL)"
             )
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        # BEGIN IMMEDIATE: "a code works once" holds across the sandbox's worker processes.
-        with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
 
     @staticmethod
     def _log(db: sqlite3.Connection, endpoint: str, app_id: str, answer: dict[str, Any], now: float) -> None:

@@ -45,8 +45,7 @@ import secrets
 import sqlite3
 import string
 import time
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -54,7 +53,7 @@ from typing import TYPE_CHECKING, Any, Final
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from mallgate.private_files import ensure_private_file
+from mallgate.sandbox.book import SqliteBook
 
 if TYPE_CHECKING:
     from mallgate.sandbox.app import SandboxState, StandIn
@@ -121,12 +120,11 @@ class Call:
     at: float
 
 
-class WechatBook:
+class WechatBook(SqliteBook):
     """Apps, tokens, tickets and calls, in one SQLite file the sandbox's workers share."""
 
     def __init__(self, path: Path, apps: dict[str, str]) -> None:
-        ensure_private_file(path)
-        self.path = path
+        super().__init__(path)
         self.apps = apps
         with self._write() as db:
             db.execute(
@@ -145,17 +143,6 @@ class WechatBook:
             db.execute("CREATE INDEX IF NOT EXISTS calls_app ON calls (app_id, endpoint, at)")
             db.execute("CREATE TABLE IF NOT EXISTS force_reset (app_id TEXT PRIMARY KEY, at REAL)")
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        # BEGIN IMMEDIATE: "return the current token or issue one" holds across worker processes.
-        with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
 
     # --- checks shared by the endpoints ---
 

@@ -24,8 +24,7 @@ import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -36,7 +35,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 
 from mallgate.channels.qr import render_png
 from mallgate.channels.wechat_wxa import SCENE_MAX, SCENE_SHAPE
-from mallgate.private_files import ensure_private_file
+from mallgate.sandbox.book import SqliteBook
 from mallgate.sandbox.wechat_standin import INVALID_ARGS, NOT_JSON, WechatStandIn, error
 
 if TYPE_CHECKING:
@@ -81,10 +80,9 @@ def code_content(page: str, scene: str) -> str:
     return f"{page}?scene={scene}"
 
 
-class WxaBook:
+class WxaBook(SqliteBook):
     def __init__(self, path: Path) -> None:
-        ensure_private_file(path)
-        self.path = path
+        super().__init__(path)
         with self._write() as db:
             db.execute(
                 "CREATE TABLE IF NOT EXISTS codes (id INTEGER PRIMARY KEY AUTOINCREMENT, app_id TEXT,"
@@ -97,16 +95,6 @@ class WxaBook:
             db.execute("CREATE TABLE IF NOT EXISTS refusing (openid TEXT PRIMARY KEY)")
             db.execute("CREATE TABLE IF NOT EXISTS faults (id INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT)")
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
 
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with closing(sqlite3.connect(self.path, timeout=30)) as db:
