@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 from pathlib import Path
 
 from cryptography import x509
@@ -57,8 +58,13 @@ def load_public_key(value: str) -> rsa.RSAPublicKey:
     raise KeyFormatError("unreadable public key")
 
 
+@functools.lru_cache(maxsize=32)
 def load_private_key(value: str) -> rsa.RSAPrivateKey:
-    """An RSA private key (PKCS#1 or PKCS#8) from PEM, base64 DER or a file path."""
+    """An RSA private key (PKCS#1 or PKCS#8) from PEM, base64 DER or a file path.
+
+    Cached: parsing checks the key, which cost milliseconds on every signed call; the key
+    objects are immutable and safe to share between threads.
+    """
     material = _read_material(value)
     for loader in (serialization.load_pem_private_key, serialization.load_der_private_key):
         try:

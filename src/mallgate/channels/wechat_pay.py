@@ -7,6 +7,7 @@ callers can write ``wechat_pay.verify_v2_payment`` or ``wechat_pay.verify_v3_not
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
 from dataclasses import dataclass, field
@@ -398,7 +399,9 @@ class WechatPayClient(PlatformClient):
         if not (settings.mch_private_key and settings.mch_serial_no and settings.mch_id):
             raise ValueError("v3 calls need mch_id, mch_private_key and mch_serial_no")
         url = httpx.URL(f"{self._base}{path}")
-        authorization = v3_authorization(
+        # RSA signing takes a millisecond or two: off the event loop.
+        authorization = await asyncio.to_thread(
+            v3_authorization,
             "GET",
             _signed_path(url, self._base),
             b"",
@@ -471,7 +474,9 @@ class WechatPayClient(PlatformClient):
             else json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
         )
         url = httpx.URL(f"{self._base}{path}")
-        authorization = v3_authorization(
+        # RSA signing takes a millisecond or two: off the event loop.
+        authorization = await asyncio.to_thread(
+            v3_authorization,
             method,
             _signed_path(url, self._base),
             body,

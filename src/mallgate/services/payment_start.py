@@ -7,6 +7,7 @@ switch channel; whichever payment arrives first wins, a second one is flagged.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from dataclasses import dataclass
@@ -155,12 +156,19 @@ async def _wechat_v3(
     )
     key = load_private_key(settings.mch_private_key)
     clock = runtime.clock
+    # The client parameters are RSA-signed: off the event loop.
     if kind == "jsapi":
-        return wechat_pay.v3_jsapi_params(
-            app_id, answer["prepay_id"], key, timestamp=int(clock.now()), nonce=clock.nonce(32)
+        return await asyncio.to_thread(
+            wechat_pay.v3_jsapi_params,
+            app_id,
+            answer["prepay_id"],
+            key,
+            timestamp=int(clock.now()),
+            nonce=clock.nonce(32),
         )
     if kind == "app":
-        return wechat_pay.v3_app_params(
+        return await asyncio.to_thread(
+            wechat_pay.v3_app_params,
             app_id,
             settings.mch_id,
             answer["prepay_id"],
@@ -235,7 +243,7 @@ async def start_payment(
     order = await _payable_order(runtime, user, order_no)
     try:
         if channel == ALIPAY:
-            return _alipay(runtime, order, trade_type)
+            return await asyncio.to_thread(_alipay, runtime, order, trade_type)  # RSA signing
         return await _wechat(runtime, user, order, trade_type, client_ip)
     except (ChannelError, ValueError) as exc:
         # The platform's message may name our configuration: log it, show a plain sentence.
