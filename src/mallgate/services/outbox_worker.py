@@ -162,6 +162,8 @@ _EVENT = select(OutboxEvent.id, OutboxEvent.topic, OutboxEvent.payload, OutboxEv
 
 def _insert_one(statement: Any, row: dict[str, Any], session: Session) -> None:
     session.execute(statement, [row])
+
+
 _EARLIER = aliased(OutboxDelivery)
 
 
