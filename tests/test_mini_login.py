@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -144,6 +145,16 @@ async def test_the_session_key_is_in_no_answer_no_log_and_not_stored_in_clear(
     assert raw_key not in caplog.text
     # Bound to its identity: a sealed value copied onto another does not open there.
     assert open_session_key(resolve(server.settings), identity.session_key, "wechat:other:openid") is None
+
+
+async def test_concurrent_first_logins_of_one_openid_make_one_user(
+    client: httpx.AsyncClient, server: Server
+) -> None:
+    name = person()
+    codes = [(await mint(client, name=name))["code"] for _ in range(4)]
+    profiles = await asyncio.gather(*(auth_ok(client, code=code) for code in codes))
+    assert len({p["id"] for p in profiles}) == 1 and len({p["token"] for p in profiles}) == 4
+    assert len((await admin_get_user(client, profiles[0]["id"]))["identities"]) == 1
 
 
 # ------------------------------------------------------------------ one person
@@ -355,7 +366,9 @@ async def test_phone_code_binds_the_mobile(client: httpx.AsyncClient) -> None:
     assert profile["mobile"] == mobile and profile["username"] == mobile
 
 
-async def test_a_mobile_bound_to_another_user_is_refused_never_merged(client: httpx.AsyncClient) -> None:
+async def test_a_mobile_bound_to_another_user_is_refused_never_merged(
+    client: httpx.AsyncClient, server: Server
+) -> None:
     mobile = unique_mobile()
     owner = await admin_create_user(client, mobile=mobile, nickname="号主")
     minted = await mint(client)
@@ -364,6 +377,9 @@ async def test_a_mobile_bound_to_another_user_is_refused_never_merged(client: ht
     )
     assert "已绑定其他账号" in body["info"]
     assert (await admin_get_user(client, str(owner["id"])))["identities"] == []
+    # The refusal came inside the login's one write: the user it was making is not there either.
+    async with database(server) as db, db.read() as session:
+        assert await session.scalar(select_identity(minted["openid"])) is None
     # Nothing was made: a new code logs in a new user without that mobile.
     again = await auth_ok(client, code=(await mint(client, openid=minted["openid"]))["code"])
     assert again["mobile"] == "" and again["id"] != str(owner["id"])

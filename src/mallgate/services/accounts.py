@@ -9,6 +9,7 @@ import threading
 import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timedelta, tzinfo
 from decimal import Decimal
 from typing import Any, Final, TypeVar
@@ -17,9 +18,10 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from mallgate.clock import show_time
-from mallgate.db.models import Identity, User
+from mallgate.db.models import Identity, Token, User
 from mallgate.envelope import ApiError
 from mallgate.runtime import Runtime
 from mallgate.services import tokens
@@ -157,6 +159,35 @@ def profile(user: User, token: str = "", *, zone: tzinfo) -> dict[str, str]:
     }
 
 
+def new_user(
+    session: Session,
+    now: datetime,
+    *,
+    mobile: str | None = None,
+    nickname: str = "",
+    password_hash: str | None = None,
+    spread_id: int | None = None,
+    avatar: str = "",
+    sex: int = 0,
+) -> User:
+    """A user added and flushed (it has its id), in the caller's transaction."""
+    user = User(
+        username=mobile,
+        mobile=mobile,
+        nickname=nickname or (f"用户{mobile[-4:]}" if mobile else "微信用户"),
+        avatar=avatar,
+        sex=sex,
+        # Hashed by the caller through `hasher(runtime)`: argon2 must not run on the event loop.
+        password_hash=password_hash,
+        spread_id=_valid_referrer(session, spread_id),
+        balance=Decimal("0.00"),
+        created_at=now,
+    )
+    session.add(user)
+    session.flush()
+    return user
+
+
 async def create_user(
     session: AsyncSession,
     now: datetime,
@@ -168,38 +199,54 @@ async def create_user(
     avatar: str = "",
     sex: int = 0,
 ) -> User:
-    user = User(
-        username=mobile,
-        mobile=mobile,
-        nickname=nickname or (f"用户{mobile[-4:]}" if mobile else "微信用户"),
-        avatar=avatar,
-        sex=sex,
-        # Hashed by the caller through `hasher(runtime)`: argon2 must not run on the event loop.
-        password_hash=password_hash,
-        spread_id=await _valid_referrer(session, spread_id),
-        balance=Decimal("0.00"),
-        created_at=now,
+    """`new_user` in an async transaction."""
+    return await session.run_sync(
+        lambda sync: new_user(
+            sync,
+            now,
+            mobile=mobile,
+            nickname=nickname,
+            password_hash=password_hash,
+            spread_id=spread_id,
+            avatar=avatar,
+            sex=sex,
+        )
     )
-    session.add(user)
-    await session.flush()
-    return user
 
 
-async def _valid_referrer(session: AsyncSession, spread_id: int | None) -> int | None:
+def _valid_referrer(session: Session, spread_id: int | None) -> int | None:
     """A referrer is kept only if it names an existing user: a typo must not credit a stranger."""
     if not spread_id:
         return None
-    return spread_id if await session.get(User, spread_id) is not None else None
+    return spread_id if session.get(User, spread_id) is not None else None
+
+
+def mark_login(session: Session, user: User, now: datetime, ip: str, ttl: timedelta) -> str:
+    """Mark the login on `user` and add a fresh token (written with the transaction); the token."""
+    user.last_login = now
+    user.last_ip = ip[:64]
+    token = secrets.token_hex(tokens.TOKEN_BYTES)
+    session.add(
+        Token(user_id=user.id, token_hash=tokens.token_hash(token), created_at=now, expires_at=now + ttl)
+    )
+    return token
+
+
+def token_ttl(runtime: Runtime) -> timedelta:
+    return timedelta(days=runtime.settings.token_ttl_days)
 
 
 async def login(runtime: Runtime, session: AsyncSession, user: User, ip: str) -> dict[str, str]:
     """Mark the login and hand out a fresh token with the profile."""
     now = runtime.clock.utcnow().replace(tzinfo=None)
-    user.last_login = now
-    user.last_ip = ip[:64]
-    token = await tokens.issue(session, user.id, now, timedelta(days=runtime.settings.token_ttl_days))
-    await session.flush()
-    return profile(user, token, zone=runtime.settings.zone)
+    ttl = token_ttl(runtime)
+
+    def mark(sync: Session) -> str:
+        token = mark_login(sync, user, now, ip, ttl)
+        sync.flush()
+        return token
+
+    return profile(user, await session.run_sync(mark), zone=runtime.settings.zone)
 
 
 async def identities_of(session: AsyncSession, user_id: int) -> list[dict[str, Any]]:
@@ -266,50 +313,89 @@ async def platform_user(
     avatar: str = "",
     sex: int = 0,
 ) -> tuple[User, bool]:
-    """The user of a login at (`provider`, `app_id`), and whether it was created now.
+    """`find_or_create` in an async transaction: the user, and whether it was created now."""
+    found = await session.run_sync(
+        lambda sync: find_or_create(
+            sync,
+            now,
+            provider=provider,
+            app_id=app_id,
+            openid=openid,
+            unionid=unionid,
+            email=email,
+            spread_id=spread_id,
+            nickname=nickname,
+            avatar=avatar,
+            sex=sex,
+        )
+    )
+    return found.user, found.created
 
-    Found by (provider, app_id, openid); else, when `unionid` is not empty, the same person's
-    identity at another app of the same provider gives the user and this identity is added to
-    it (a unionid is one provider's: WeChat's and QQ's never link); else a new user (with
-    `spread_id` when it names an existing user). An empty unionid never links: every app
-    without an Open Platform binding would otherwise be one person. `email` (Apple's, when
-    the token has one) replaces the identity's. Concurrent first logins of one openid meet
-    the unique (provider, app_id, openid): the loser's transaction raises IntegrityError and
-    is retried by the caller.
+
+@dataclass(frozen=True)
+class Found:
+    user: User
+    identity: Identity
+    created: bool  # the user was made by this login
+
+
+def find_or_create(
+    session: Session,
+    now: datetime,
+    *,
+    provider: str,
+    app_id: str,
+    openid: str,
+    unionid: str = "",
+    email: str = "",
+    spread_id: int | None = None,
+    nickname: str = "",
+    avatar: str = "",
+    sex: int = 0,
+    session_key: str | None = None,
+) -> Found:
+    """The user and identity of a login at (`provider`, `app_id`), and whether the user is new.
+
+    Found by (provider, app_id, openid), identity and user in one query; else, when
+    `unionid` is not empty, the same person's identity at another app of the same provider
+    gives the user and this identity is added to it (a unionid is one provider's: WeChat's
+    and QQ's never link); else a new user (with `spread_id` when it names an existing
+    user). An empty unionid never links: every app without an Open Platform binding would
+    otherwise be one person. `email` (Apple's, when the token has one) replaces the
+    identity's; `session_key` (sealed by the caller) the Mini Program's. Concurrent first
+    logins of one openid meet the unique (provider, app_id, openid): the loser's
+    transaction raises IntegrityError and is retried by the caller.
     """
     unionid = unionid.strip()
-    identity = (
-        await session.scalars(
-            select(Identity).where(
-                Identity.provider == provider, Identity.app_id == app_id, Identity.openid == openid
-            )
-        )
+    row = session.execute(
+        select(Identity, User)
+        .join(User, User.id == Identity.user_id)
+        .where(Identity.provider == provider, Identity.app_id == app_id, Identity.openid == openid)
     ).first()
-    if identity is not None:
+    if row is not None:
+        identity, user = row
         if unionid and not identity.unionid:
             identity.unionid = unionid  # learnt later: snsapi_base first, snsapi_userinfo now
         if email:
             identity.email = email
-        user = await session.get(User, identity.user_id)
-        assert user is not None  # identities.user_id is a foreign key
-        return user, False
-    user = await _user_of_unionid(session, unionid, provider) if unionid else None
-    created = user is None
-    if user is None:
-        user = await create_user(session, now, nickname=nickname, avatar=avatar, sex=sex, spread_id=spread_id)
-    session.add(
-        Identity(
-            user_id=user.id,
-            provider=provider,
-            app_id=app_id,
-            openid=openid,
-            unionid=unionid or None,
-            email=email or None,
-            created_at=now,
-        )
+        if session_key is not None:
+            identity.session_key = session_key
+        return Found(user, identity, created=False)
+    linked = _user_of_unionid(session, unionid, provider) if unionid else None
+    user = linked or new_user(session, now, nickname=nickname, avatar=avatar, sex=sex, spread_id=spread_id)
+    identity = Identity(
+        user_id=user.id,
+        provider=provider,
+        app_id=app_id,
+        openid=openid,
+        unionid=unionid or None,
+        email=email or None,
+        session_key=session_key,
+        created_at=now,
     )
-    await session.flush()
-    return user, created
+    session.add(identity)
+    session.flush()
+    return Found(user, identity, created=linked is None)
 
 
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
@@ -335,13 +421,12 @@ def update_wechat_profile(user: User, *, nickname: str = "", avatar: str = "", s
         user.sex = sex
 
 
-async def _user_of_unionid(session: AsyncSession, unionid: str, provider: str = WECHAT) -> User | None:
-    user_id = (
-        await session.scalars(
-            select(Identity.user_id)
-            .where(Identity.provider == provider, Identity.unionid == unionid)
-            .order_by(Identity.id)
-            .limit(1)
-        )
+def _user_of_unionid(session: Session, unionid: str, provider: str = WECHAT) -> User | None:
+    # The person's first identity of this provider decides, in one query with its user.
+    return session.scalars(
+        select(User)
+        .join(Identity, Identity.user_id == User.id)
+        .where(Identity.provider == provider, Identity.unionid == unionid)
+        .order_by(Identity.id)
+        .limit(1)
     ).first()
-    return await session.get(User, user_id) if user_id is not None else None

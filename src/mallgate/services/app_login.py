@@ -25,11 +25,13 @@ from dataclasses import dataclass
 from typing import Final
 
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from mallgate.channels import apple, qq
 from mallgate.channels.errors import ChannelError
 from mallgate.channels.wechat_api import WechatApiError
 from mallgate.channels.wechat_oauth import INVALID_OPENID, TOKEN_EXPIRED, WechatOAuth
+from mallgate.db.models import User
 from mallgate.envelope import ApiError
 from mallgate.runtime import Runtime
 from mallgate.services import accounts
@@ -215,8 +217,11 @@ async def _login_verified(
     runtime: Runtime, verified: Verified, spread_id: int | None, ip: str
 ) -> dict[str, str]:
     now = runtime.clock.utcnow().replace(tzinfo=None)
-    async with runtime.db.transaction() as session:
-        user, created = await accounts.platform_user(
+    ttl = accounts.token_ttl(runtime)
+
+    # Find or make the user, take the platform's profile, mark the login: one write transaction.
+    def write(session: Session) -> tuple[User, str, bool]:
+        found = accounts.find_or_create(
             session,
             now,
             provider=verified.provider,
@@ -228,8 +233,10 @@ async def _login_verified(
             nickname=verified.nickname or ("Apple 用户" if verified.provider == APPLE else ""),
         )
         accounts.update_wechat_profile(
-            user, nickname=verified.nickname, avatar=verified.avatar, sex=verified.sex
+            found.user, nickname=verified.nickname, avatar=verified.avatar, sex=verified.sex
         )
-        profile = await accounts.login(runtime, session, user, ip)
+        return found.user, accounts.mark_login(session, found.user, now, ip, ttl), found.created
+
+    user, token, created = await runtime.db.run_write(write)
     log.info("app login provider=%s user=%s created=%s", verified.provider, user.id, created)
-    return profile
+    return accounts.profile(user, token, zone=runtime.settings.zone)

@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
-from sqlalchemy import update
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from mallgate.channels.errors import ChannelError
 from mallgate.channels.wechat_api import WechatApiError
@@ -44,7 +45,7 @@ from mallgate.channels.wechat_mini import (
     WechatMini,
     decrypt_open_data,
 )
-from mallgate.db.models import Identity, User
+from mallgate.db.models import User
 from mallgate.envelope import ApiError
 from mallgate.params import ascii_int
 from mallgate.runtime import Runtime
@@ -178,12 +179,14 @@ def _scene_resolver() -> Resolver | None:
     return found if callable(found) else None
 
 
-async def _referrer(session: AsyncSession, request: MiniLogin) -> int | None:
+async def _referrer(runtime: Runtime, request: MiniLogin) -> int | None:
+    """The referrer a new user would get: a scene costs one read, a spread_id none (the write checks it)."""
     scene = request.scene.strip()
     if scene and len(scene) <= MAX_SCENE:
         resolver = _scene_resolver()
         if resolver is not None:
-            found = await resolver(session, scene)
+            async with runtime.db.read() as session:
+                found = await resolver(session, scene)
             if found:
                 return found
         else:
@@ -267,8 +270,8 @@ def _mobile(phone: PhoneInfo) -> str:
     return f"+{phone.country_code}{phone.pure_phone_number}"
 
 
-async def _bind_mobile(session: AsyncSession, user: User, mobile: str) -> None:
-    owner = await accounts.find_by_mobile(session, mobile)
+def _bind_mobile(session: Session, user: User, mobile: str) -> None:
+    owner = session.scalars(select(User).where(User.mobile == mobile)).first()
     if owner is not None and owner.id != user.id:
         raise ApiError(
             "该手机号已绑定其他账号，请使用该手机号登录，或在微信中更换手机号",
@@ -278,17 +281,6 @@ async def _bind_mobile(session: AsyncSession, user: User, mobile: str) -> None:
     if user.username is None or user.username == user.mobile:
         user.username = mobile
     user.mobile = mobile
-
-
-async def _keep_session_key(runtime: Runtime, session: AsyncSession, app_id: str, wx: MiniSession) -> None:
-    # One UPDATE, without loading the row: the binding is made of what the WHERE names.
-    binding = session_key_binding(accounts.WECHAT, app_id, wx.openid)
-    await session.execute(
-        update(Identity)
-        .where(Identity.provider == accounts.WECHAT, Identity.app_id == app_id, Identity.openid == wx.openid)
-        .values(session_key=seal_session_key(runtime.secret_key, wx.session_key, binding))
-        .execution_options(synchronize_session=False)
-    )
 
 
 def session_key_binding(provider: str, app_id: str, openid: str) -> str:
@@ -302,26 +294,42 @@ async def _login_once(
     wx: MiniSession,
     profile: _Profile,
     phone: PhoneInfo | None,
-    request: MiniLogin,
+    referrer: int | None,
     ip: str,
 ) -> tuple[dict[str, str], bool]:
+    """The whole login in one write transaction: one database unit, whichever the backend.
+
+    On SQLite `run_write` runs it on a thread over plain sqlite3 under the write lock, so
+    only database work belongs inside: the session_key is sealed before, the profile
+    rendered after. A refused mobile raises inside, and the transaction (a user made
+    by this very login included) is rolled back whole.
+    """
     now: datetime = runtime.clock.utcnow().replace(tzinfo=None)
-    async with runtime.db.transaction() as session:
-        user, created = await accounts.wechat_user(
+    ttl = accounts.token_ttl(runtime)
+    binding = session_key_binding(accounts.WECHAT, app_id, wx.openid)
+    sealed = seal_session_key(runtime.secret_key, wx.session_key, binding)
+    mobile = _mobile(phone) if phone is not None else None
+
+    def write(session: Session) -> tuple[User, str, bool]:
+        found = accounts.find_or_create(
             session,
             now,
+            provider=accounts.WECHAT,
             app_id=app_id,
             openid=wx.openid,
             unionid=wx.unionid or profile.unionid,
-            spread_id=await _referrer(session, request),
+            spread_id=referrer,
+            session_key=sealed,
         )
         accounts.update_wechat_profile(
-            user, nickname=profile.nickname, avatar=profile.avatar, sex=profile.sex
+            found.user, nickname=profile.nickname, avatar=profile.avatar, sex=profile.sex
         )
-        await _keep_session_key(runtime, session, app_id, wx)
-        if phone is not None:
-            await _bind_mobile(session, user, _mobile(phone))
-        return await accounts.login(runtime, session, user, ip), created
+        if mobile is not None:
+            _bind_mobile(session, found.user, mobile)
+        return found.user, accounts.mark_login(session, found.user, now, ip, ttl), found.created
+
+    user, token, created = await runtime.db.run_write(write)
+    return accounts.profile(user, token, zone=runtime.settings.zone), created
 
 
 def _merged(first: _Profile, second: _Profile) -> _Profile:
@@ -354,9 +362,10 @@ async def login(
     _check_codes(request)
     wx, phone = await _ask_wechat(runtime, settings, request)
     profile = _merged(parse_user_info(user_info), _open_data(runtime, settings.app_id, wx, request))
+    referrer = await _referrer(runtime, request)
     for attempt in (1, 2):
         try:
-            answer, created = await _login_once(runtime, settings.app_id, wx, profile, phone, request, ip)
+            answer, created = await _login_once(runtime, settings.app_id, wx, profile, phone, referrer, ip)
         except IntegrityError:
             # Two first logins of one openid, or one mobile bound twice at once: look again.
             if attempt == 2:
