@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,8 +26,9 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+from test_outbox_paid import fresh_database
 
-from conftest import Server, TestClock, free_port
+from conftest import Backend, Server, TestClock, free_port, make_settings
 from mallgate.channels.webhook import WebhookSender
 from mallgate.db.models import OutboxDelivery, OutboxEvent
 from mallgate.runtime import Runtime
@@ -149,6 +151,50 @@ async def race(one: OutboxWorker, two: OutboxWorker, recorder: Recorder, ids: li
             break
     assert total == 30
     assert sorted(recorder.sent) == ids and recorder.overlaps == []
+
+
+async def test_a_sender_added_later_gets_the_events_already_planned(runtime: Runtime) -> None:
+    first = Recorder(unique("test.added."))
+    later = Recorder(first.topic)
+    senders: list[Sender] = [first]
+    ids = await add_events(runtime, first.topic, count=3)
+    runner = OutboxWorker(runtime, senders=lambda: list(senders), lease_key=unique("outbox:t:"))
+    assert await runner.run_once() == 3 and first.sent == ids
+    assert await runner.run_once() == 0  # planned once: nothing new for `first`
+    senders.append(later)
+    assert await runner.run_once() == 3
+    assert later.sent == ids and first.sent == ids
+
+
+async def test_an_event_committed_after_later_ones_is_still_planned(backend: Backend, tmp_path: Path) -> None:
+    # A database of its own: the ids are chosen here, as no other test's rows may be disturbed.
+    async with fresh_database(backend, tmp_path) as url:
+        own = Runtime.create(make_settings(Backend(backend.name, url), tmp_path, 1), TestClock())
+        try:
+            recorder = Recorder(unique("test.late."))
+            runner = worker(own, recorder)
+
+            async def add(event_id: int) -> None:
+                now = naive(own.clock.now())
+                row = OutboxEvent(
+                    id=event_id,
+                    topic=recorder.topic,
+                    payload="{}",
+                    created_at=now,
+                    available_at=now,
+                    attempts=0,
+                    last_error="",
+                )
+                await own.db.run_write(lambda session: session.add(row))
+
+            await add(2000)
+            assert await runner.run_once() == 1
+            # 1000: a transaction that took its id first and committed after 2000's did.
+            await add(1000)
+            assert await runner.run_once() == 1
+            assert recorder.sent == [2000, 1000]
+        finally:
+            await own.close()
 
 
 async def test_one_runner_holds_the_lease_until_it_stops_renewing(runtime: Runtime) -> None:

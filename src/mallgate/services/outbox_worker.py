@@ -104,6 +104,7 @@ FAILED: Final = "failed"
 # an event's transaction may commit a little after a later one's, never minutes after.
 _RESCAN_SECONDS: Final = 300.0
 _PLAN_PAGE: Final = 500
+_ID_PAGE: Final = 5000
 # "Due now" is written a second early: MySQL's DATETIME keeps whole seconds and may round up.
 _DUE_SLACK: Final = 1.0
 log = logging.getLogger("mallgate.outbox")
@@ -184,6 +185,10 @@ class OutboxWorker:
         self.lease_key = lease_key
         self.owner = f"{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(4)}"
         self._scanned_from: float | None = None
+        # Event id -> created_at of the events in the rescan window this worker has planned
+        # for every sender in `_planned_for`.
+        self._planned: dict[int, datetime] = {}
+        self._planned_for: frozenset[str] = frozenset()
         self._row_made = False
 
     def now(self) -> float:
@@ -295,35 +300,58 @@ class OutboxWorker:
         if self._scanned_from is not None:
             # min(): a clock set back finds its events too.
             floor = max(floor, min(self._scanned_from, now - _RESCAN_SECONDS))
+        names = [s.name for s in senders]
+        if frozenset(names) != self._planned_for:
+            # A sender came (or went): every event in the window is looked at again, for it.
+            self._planned.clear()
+            self._planned_for = frozenset(names)
         after = 0
         while True:
+            # Ids first: the events this worker already planned are passed over without their
+            # payloads or deliveries read again, each pass rescanning minutes of events.
             async with self.runtime.db.read() as session:
-                rows = (
-                    await session.execute(
-                        _EVENT.where(OutboxEvent.created_at >= naive(floor), OutboxEvent.id > after)
-                        .order_by(OutboxEvent.id)
-                        .limit(_PLAN_PAGE)
-                    )
-                ).all()
-                if not rows:
-                    break
-                ids = [row[0] for row in rows]
-                names = [s.name for s in senders]
-                found = await session.execute(
-                    select(D.event_id, D.sender).where(D.event_id.in_(ids), D.sender.in_(names))
+                page = list(
+                    (
+                        await session.execute(
+                            select(OutboxEvent.id)
+                            .where(OutboxEvent.created_at >= naive(floor), OutboxEvent.id > after)
+                            .order_by(OutboxEvent.id)
+                            .limit(_ID_PAGE)
+                        )
+                    ).scalars()
                 )
-                known = {(row[0], row[1]) for row in found}
-            new = []
-            for row in rows:
-                event = Event.from_row(*row)
-                for sender in senders:
-                    if (event.id, sender.name) not in known and sender.wants(event):
-                        new.append(self._delivery(event, sender.name, now))
-            await self._insert(new)
-            after = ids[-1]
-            if len(rows) < _PLAN_PAGE:
+            if not page:
+                break
+            fresh = [i for i in page if i not in self._planned]
+            for start in range(0, len(fresh), _PLAN_PAGE):
+                await self._plan_events(fresh[start : start + _PLAN_PAGE], senders, names, now)
+            after = page[-1]
+            if len(page) < _ID_PAGE:
                 break
         self._scanned_from = now - _RESCAN_SECONDS
+        # Below the next pass's floor they are not read again anyway (and a clock set back only
+        # costs a full reading of those events, the deliveries being the truth).
+        horizon = naive(self._scanned_from)
+        self._planned = {i: at for i, at in self._planned.items() if at >= horizon}
+
+    async def _plan_events(self, ids: list[int], senders: list[Sender], names: list[str], now: float) -> None:
+        async with self.runtime.db.read() as session:
+            rows = (
+                await session.execute(_EVENT.where(OutboxEvent.id.in_(ids)).order_by(OutboxEvent.id))
+            ).all()
+            found = await session.execute(
+                select(D.event_id, D.sender).where(D.event_id.in_(ids), D.sender.in_(names))
+            )
+            known = {(row[0], row[1]) for row in found}
+        new = []
+        for row in rows:
+            event = Event.from_row(*row)
+            for sender in senders:
+                if (event.id, sender.name) not in known and sender.wants(event):
+                    new.append(self._delivery(event, sender.name, now))
+        await self._insert(new)
+        # Only once its deliveries are written: a failed insert leaves the events to the next pass.
+        self._planned.update((row[0], row[3]) for row in rows)
 
     def _delivery(self, event: Event, sender: str, now: float) -> dict[str, Any]:
         return {
