@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +17,13 @@ from mallgate.settings import Settings
 
 # Outbound calls to the platforms: TLS verified, never waiting forever.
 OUTBOUND_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
+
+# httpcore tries `import sniffio` for every lock it makes, several per request. sniffio is not
+# installed (anyio 4.16 dropped it), and a failed import searches all of sys.path each time:
+# about a quarter of a webhook delivery's CPU. Marked absent once, the import fails at once,
+# with the same outcome (asyncio).
+if importlib.util.find_spec("sniffio") is None:
+    sys.modules["sniffio"] = None  # type: ignore[assignment]
 
 
 @dataclass
