@@ -89,6 +89,22 @@ async def python_load(
     )
 
 
+# Before every script: each wrk thread has its own Lua state, so a plain counter would make
+# every thread send the same sequence (half the "new" pushes or codes would be repeats).
+# `next_n()` numbers requests 1, 2, 3 ... across all threads, no number sent twice.
+_WRK_SETUP = """
+local threads = {}
+function setup(thread)
+  table.insert(threads, thread)
+  thread:set("tid", #threads)
+end
+counter = 0
+function next_n()
+  counter = counter + 1
+  return (counter - 1) * THREADS + tid
+end
+"""
+
 _WRK_DONE = """
 done = function(summary, latency, requests)
   io.write(string.format("MG %d %.3f %.3f %.3f %d\\n", summary.requests, summary.duration / 1e6,
@@ -102,8 +118,6 @@ end
 # Counts every answer that is not HTTP 200 with exactly the expected body: a refused notice
 # ("failure") must never count as throughput.
 _WRK_EXPECT = """
-local threads = {}
-function setup(thread) table.insert(threads, thread) end
 function init(args) wrong = 0 end
 function response(status, headers, body)
   if not (CHECK) then wrong = wrong + 1 end
@@ -137,7 +151,7 @@ def wrk_load(
         check = f"status == 200 and body == [==[{expect}]==]"
     summary = _WRK_DONE if check is None else _WRK_EXPECT.replace("CHECK", check)
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(lua_request + summary)
+        script.write(_WRK_SETUP.replace("THREADS", str(threads)) + lua_request + summary)
     out = subprocess.run(
         [
             "wrk",

@@ -86,11 +86,9 @@ async def count_paid(base: str, orders: list[str]) -> int:
 
 def lua_notices(bodies: list[str]) -> str:
     return (
-        "bodies = {\n"
-        + ",\n".join(f"[==[{b}]==]" for b in bodies)
-        + "\n}\ncounter = 0\nrequest = function()\n  counter = counter + 1\n"
+        "bodies = {\n" + ",\n".join(f"[==[{b}]==]" for b in bodies) + "\n}\nrequest = function()\n"
         '  return wrk.format("POST", "/api/pay/notify", '
-        '{["Content-Type"]="application/x-www-form-urlencoded"}, bodies[(counter % #bodies) + 1])\nend\n'
+        '{["Content-Type"]="application/x-www-form-urlencoded"}, bodies[(next_n() % #bodies) + 1])\nend\n'
     )
 
 

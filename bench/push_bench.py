@@ -68,10 +68,12 @@ def push(crypto: WXBizMsgCrypt, n: int, now: int) -> tuple[str, str]:
 
 
 def lua_pushes(pushes: list[tuple[str, str]]) -> str:
+    """Each request the next push, across wrk's threads (`next_n`); past the last one, the first
+    again: a retry, which the round then reports (more requests than pushes)."""
     items = ",\n".join(f"{{[==[{path}]==], [==[{body}]==]}}" for path, body in pushes)
     return (
-        f"pushes = {{\n{items}\n}}\ncounter = 0\nrequest = function()\n  counter = counter + 1\n"
-        "  local p = pushes[(counter % #pushes) + 1]\n"
+        f"pushes = {{\n{items}\n}}\nrequest = function()\n"
+        "  local p = pushes[((next_n() - 1) % #pushes) + 1]\n"
         '  return wrk.format("POST", p[1], {["Content-Type"]="text/xml"}, p[2])\nend\n'
     )
 
@@ -101,18 +103,18 @@ def http_rounds(args: argparse.Namespace) -> None:
         )
         assert answer.json()["status"] == 1, answer.text
         crypto = WXBizMsgCrypt(TOKEN, AES_KEY, APP_ID)
-        now = int(time.time())
-        pushes = [push(crypto, n, now) for n in range(args.pushes)]
-        script = lua_pushes(pushes)
         check = 'status == 200 and string.find(body, "<Encrypt>", 1, true) ~= nil'
         c, s = args.connections, args.seconds
         ratios = []
         for n in range(1, args.rounds + 1):
+            # New messages each round (their own MsgIds), made before the round: every request is
+            # a new push, never a retry.
+            now = int(time.time())
+            script = lua_pushes([push(crypto, n * 10_000_000 + k, now) for k in range(args.pushes)])
             floor = wrk_load(base + "/floor", "", c, s, f"[{n}] GET /floor")
-            # A fresh slice of messages per round: every request is a new push, never a retry.
             ours = wrk_load(
                 base,
-                script.replace("counter = 0", f"counter = {n * 1_000_000}"),
+                script,
                 c,
                 s,
                 f"[{n}] POST wechat.index (safe mode)",
@@ -123,6 +125,8 @@ def http_rounds(args: argparse.Namespace) -> None:
                     f"{r.label:<38} {r.rps:>8.0f}/s  p50 {r.p50_ms:6.2f} ms  p99 {r.p99_ms:6.2f} ms  "
                     f"errors {r.errors}"
                 )
+            if ours.requests > args.pushes:
+                sys.exit(f"round {n} sent {ours.requests} pushes but had {args.pushes}: raise --pushes")
             ratios.append(ours.rps / floor.rps if floor.rps else float("nan"))
         print(
             f"push / floor per round: {', '.join(f'{x:.2f}' for x in ratios)}; "
@@ -183,7 +187,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--pushes", type=int, default=20000)
+    parser.add_argument("--pushes", type=int, default=60000, help="distinct pushes made per round")
     parser.add_argument("--inprocess", type=int, default=2000)
     parser.add_argument("--no-http", action="store_true")
     args = parser.parse_args()

@@ -28,12 +28,11 @@ from load import Result, free_port, python_load, report, start_mallgate, stop, w
 ROOT = Path(__file__).resolve().parent.parent
 DATA = "https://shop.example.com/pages/goods/detail?id=12345&spread_id=678"
 
+# A number per request, unique across wrk's threads (`next_n`, bench/load.py): never a cache hit.
 FRESH_LUA = """
-counter = 0
 request = function()
-  counter = counter + 1
-  return wrk.format("GET", "/api/qrcode?data=https%3A%2F%2Fshop.example.com%2Fg%3Fid%3D" .. counter
-    .. "%26t%3D" .. math.random(1, 1000000000))
+  return wrk.format("GET", "/api/qrcode?data=https%3A%2F%2Fshop.example.com%2Fg%3Fid%3D" .. next_n()
+    .. "%26t%3D" .. RUN)
 end
 """
 
@@ -79,7 +78,8 @@ def main() -> None:
         if use_wrk:
             floor = wrk_load(base + "/floor", "", c, s, "GET /floor")
             cached = wrk_load(base + cached_path, "", c, s, "GET qrcode (cached)")
-            fresh = wrk_load(base, FRESH_LUA, c, s, "GET qrcode (fresh data)")
+            fresh_lua = FRESH_LUA.replace("RUN", str(time.time_ns()))
+            fresh = wrk_load(base, fresh_lua, c, s, "GET qrcode (fresh data)")
         else:
             floor = asyncio.run(python_load(base, lambda _n: ("GET", "/floor", {}, b""), c, s, "GET /floor"))
             cached = asyncio.run(

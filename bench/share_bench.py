@@ -31,10 +31,8 @@ WECHAT_MP_APP_ID = "wx00000000000000a1"  # the sandbox's Official Account
 PAGE = "https%3A%2F%2Fshop.example.com%2Fgoods%2Fdetail%3Fid%3D"
 
 SHARE_LUA = f"""
-counter = 0
 request = function()
-  counter = counter + 1
-  return wrk.format("GET", "/api/share/config?url={PAGE}" .. counter)
+  return wrk.format("GET", "/api/share/config?url={PAGE}" .. next_n())
 end
 """
 

@@ -312,7 +312,7 @@ class _FailingDb:
         self.called = asyncio.Event()
         self.calls = 0
 
-    async def run_write(self, work: Callable[[Session], Any]) -> Any:
+    async def run_write(self, work: Callable[[Session], Any], *, durable: bool = True) -> Any:
         self.calls += 1
         self.called.set()
         if self.error is not None:

@@ -233,7 +233,7 @@ def create_app(
 
     app.add_middleware(Gate, default_limit=settings.body_limit, limit_for=limit_for)
     lanes: dict[str, ASGIApp] = {}
-    for route in payments.notify_routes():
+    for route in [*payments.notify_routes(), *wechat_mp_routes.lane_routes()]:
         path = settings.base_path + route.path
         full = Route(path, route.endpoint, methods=sorted(route.methods or ()))
         lanes[path] = Gate(_Labelled(full), default_limit=settings.notify_body_limit, limit_for=limit_for)

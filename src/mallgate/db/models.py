@@ -356,7 +356,6 @@ class WechatFollower(Base):
     unsubscribed_at: Mapped[datetime | None] = mapped_column(DateTime)
 
 
-
 class SceneCode(Base):
     """A Mini Program code's `scene`: an opaque short code naming (page, goods, sharer), made once."""
 
@@ -382,6 +381,7 @@ class SubscribeGrant(Base):
     template_id: Mapped[str] = mapped_column(String(128))
     granted_at: Mapped[datetime] = mapped_column(DateTime)
     used_at: Mapped[datetime | None] = mapped_column(DateTime)
+
 
 def table_of(model: type[Base]) -> Table:
     """The Core table of a model, for the hot paths that skip the ORM."""

@@ -6,13 +6,13 @@ import asyncio
 import fcntl
 import os
 import threading
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import create_engine, event, text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
@@ -110,6 +110,29 @@ class _SqliteWriteLock:
         self.fd, self.pid = -1, 0
 
 
+@contextmanager
+def _safety(connection: Connection, durable: bool) -> Iterator[None]:
+    """synchronous=NORMAL for one non-durable transaction, FULL again after it.
+
+    Set on the driver's connection, outside any transaction (SQLite refuses it inside). A
+    connection that could not be set back is discarded: none may return to the pool NORMAL.
+    """
+    if durable:
+        yield
+        return
+    raw = connection.connection.dbapi_connection
+    assert raw is not None
+    raw.execute("PRAGMA synchronous=NORMAL")
+    try:
+        yield
+    finally:
+        try:
+            raw.execute("PRAGMA synchronous=FULL")
+        except Exception:
+            connection.invalidate()
+            raise
+
+
 SQLITE_BEGIN = "mallgate_sqlite_begin"
 _READ_ONLY = {SQLITE_BEGIN: "DEFERRED"}
 
@@ -134,11 +157,17 @@ class Database:
             self._sync_sessions = sessionmaker(sync_engine, expire_on_commit=False, autoflush=False)
             self._write_lock = _SqliteWriteLock(make_url(url).database or "")
 
-    async def run_write(self, work: Callable[[Session], T]) -> T:
+    async def run_write(self, work: Callable[[Session], T], *, durable: bool = True) -> T:
         """Run synchronous ORM work in one write transaction; commits on success.
 
         On SQLite the whole unit runs on a worker thread over plain sqlite3; elsewhere it runs
         through `AsyncSession.run_sync` over the async driver.
+
+        `durable=False` is for bookkeeping that may be forgotten in a power cut (never money,
+        never an answer a platform acts on twice): its commit does not wait for the disk.
+        SQLite commits it with synchronous=NORMAL (the WAL stays intact; the next durable
+        commit, of any connection, makes it durable too), PostgreSQL with
+        synchronous_commit=off; MySQL has no per-transaction switch and stays durable.
         """
         if self._sync_sessions is not None:
             factory = self._sync_sessions
@@ -149,11 +178,14 @@ class Database:
                 # Check the connection out before taking the lock: the lock covers
                 # BEGIN IMMEDIATE ... COMMIT and nothing else.
                 with engine.connect() as connection:
-                    with lock, factory(bind=connection) as session, session.begin():
-                        return work(session)
+                    with _safety(connection, durable), lock, factory(bind=connection) as session:
+                        with session.begin():
+                            return work(session)
 
             return await asyncio.to_thread(in_thread)
         async with self.transaction() as session:
+            if not durable and self.backend == "postgresql":
+                await session.execute(text("SET LOCAL synchronous_commit TO OFF"))
             return await session.run_sync(work)
 
     @asynccontextmanager

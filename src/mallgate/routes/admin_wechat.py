@@ -28,7 +28,9 @@ async def create_reply(runtime: RuntimeDep, params: ParamsDep) -> JSONResponse:
             keyword=keyword,
             reply=reply,
         )
-        return ok(replies.reply_view(row, zone=runtime.settings.zone))
+        view = replies.reply_view(row, zone=runtime.settings.zone)
+    replies.forget_rules(runtime)
+    return ok(view)
 
 
 @router.get("/replies")
@@ -46,4 +48,5 @@ async def delete_reply(runtime: RuntimeDep, reply_id: Annotated[str, Path()]) ->
     async with runtime.db.transaction() as session:
         if not await replies.delete_reply(session, number):
             raise ApiError("自动回复不存在", "wechat.reply_not_found")
+    replies.forget_rules(runtime)
     return ok()

@@ -7,16 +7,14 @@ answer is the channel's own success/failure, given only once the outcome is stor
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route, request_response
-from starlette.types import Receive, Scope, Send
+from starlette.routing import Route
 
 from mallgate.channels import alipay, wechat_pay
 from mallgate.deps import ParamsDep, RuntimeDep, UserDep, client_ip
 from mallgate.envelope import ok
+from mallgate.routes.lane import Endpoint
 from mallgate.runtime import get_runtime
 from mallgate.services import payment_decoders, payment_start
 from mallgate.services.notifications import RawNotification
@@ -62,32 +60,11 @@ async def wechat_notify(request: Request) -> Response:
     return Response(content, status_code=status, media_type="application/json" if content else None)
 
 
-class _Endpoint:
-    """A notify handler as an ASGI app that answers a method it does not serve itself: 405, Allow.
-
-    Left to Starlette's Route, a wrong method raises HTTPException(405) whenever the scope
-    carries an "app", which the notify lane sets and has no exception handler for: a 500.
-    As an ASGI endpoint the Route passes every method here, on the lane and on the router alike.
-    """
-
-    def __init__(self, handler: Callable[[Request], Awaitable[Response]], *methods: str) -> None:
-        self.handler = request_response(handler)
-        self.methods = frozenset(methods) | ({"HEAD"} if "GET" in methods else frozenset())
-        self.allow = ", ".join(sorted(self.methods))
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["method"] in self.methods:
-            await self.handler(scope, receive, send)
-            return
-        answer = PlainTextResponse("Method Not Allowed", status_code=405, headers={"Allow": self.allow})
-        await answer(scope, receive, send)
-
-
 def notify_routes() -> list[Route]:
     """The notify URLs; app.py serves them on a lane of their own (see NotifyLane)."""
     return [
-        Route("/pay/notify", _Endpoint(alipay_notify, "GET", "POST")),
-        Route("/wechat/notify", _Endpoint(wechat_notify, "POST")),
+        Route("/pay/notify", Endpoint(alipay_notify, "GET", "POST")),
+        Route("/wechat/notify", Endpoint(wechat_notify, "POST")),
     ]
 
 

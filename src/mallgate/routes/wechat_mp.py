@@ -24,11 +24,13 @@ from typing import Final
 
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
+from starlette.routing import Route
 
 from mallgate.channels.wechat_crypto import AppIdMismatch, CryptoError, WXBizMsgCrypt, verify_signature
 from mallgate.channels.wechat_messages import ForbiddenXml, MalformedPush, from_fields, read_xml
 from mallgate.deps import RuntimeDep
-from mallgate.runtime import Runtime
+from mallgate.routes.lane import Endpoint
+from mallgate.runtime import Runtime, get_runtime
 from mallgate.services import wechat_push
 
 log = logging.getLogger("mallgate.wechat_mp")
@@ -153,6 +155,19 @@ def _decrypt(runtime: Runtime, request: Request, outer: dict[str, str], timestam
         raise Refused(400, "cannot decrypt") from None
 
 
+async def _index(request: Request) -> Response:
+    runtime = await get_runtime(request)
+    if request.method == "POST":
+        return await push(request, runtime)
+    return await url_check(request, runtime)
+
+
+def lane_routes() -> list[Route]:
+    """`wechat.index` for app.py's lane: WeChat's servers call it, never a browser."""
+    return [Route(path, Endpoint(_index, "GET", "POST")) for path in PATHS]
+
+
+# Also on the router: for /docs, and for the paths the lane does not match exactly.
 for _path in PATHS:
     router.add_api_route(_path, url_check, methods=["GET"], response_class=PlainTextResponse)
     router.add_api_route(_path, push, methods=["POST"], response_class=PlainTextResponse)

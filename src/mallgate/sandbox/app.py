@@ -97,9 +97,7 @@ class SandboxState:
 def _fill(model: ModelT, values: dict[str, Any], kept: list[str], prefix: str) -> ModelT:
     """`model` with `values` put only where the operator left the setting unset."""
     given = {
-        name
-        for name in values
-        if name in model.model_fields_set and getattr(model, name) not in ("", None)
+        name for name in values if name in model.model_fields_set and getattr(model, name) not in ("", None)
     }
     kept.extend(f"{prefix}__{name.upper()}" for name in sorted(given))
     return model.model_copy(update={k: v for k, v in values.items() if k not in given})

@@ -104,7 +104,6 @@ class SmsBook(SqliteBook):
             db.execute("CREATE TABLE IF NOT EXISTS rules (mobile TEXT PRIMARY KEY, rule TEXT)")
             db.execute("CREATE TABLE IF NOT EXISTS nonces (nonce TEXT PRIMARY KEY, at REAL)")
 
-
     def _read(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=30)
 

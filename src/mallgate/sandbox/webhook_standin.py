@@ -77,7 +77,6 @@ class WebhookBook(SqliteBook):
             )
             db.execute("CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value INTEGER)")
 
-
     def record(self, event_id: str, topic: str, signature: str, body: str, at: float) -> int:
         """Stores a delivery; answers 500 while the fail counter lasts (and counts it down), else 200."""
         with self._write() as db:

@@ -115,7 +115,6 @@ class MiniBook(SqliteBook):
                 " delay REAL)"
             )
 
-
     # --- what the phone has ---
 
     def mint_login(self, app_id: str, openid: str, unionid: str, now: float) -> dict[str, str]:

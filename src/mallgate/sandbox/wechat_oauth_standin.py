@@ -137,7 +137,6 @@ class OAuthBook(SqliteBook):
                 " app_id TEXT, errcode INTEGER, at REAL)"
             )
 
-
     @staticmethod
     def _log(db: sqlite3.Connection, endpoint: str, app_id: str, answer: dict[str, Any], now: float) -> None:
         db.execute(

@@ -143,7 +143,6 @@ class WechatBook(SqliteBook):
             db.execute("CREATE INDEX IF NOT EXISTS calls_app ON calls (app_id, endpoint, at)")
             db.execute("CREATE TABLE IF NOT EXISTS force_reset (app_id TEXT PRIMARY KEY, at REAL)")
 
-
     # --- checks shared by the endpoints ---
 
     def _app_problem(self, app_id: str, secret: str) -> tuple[int, str] | None:

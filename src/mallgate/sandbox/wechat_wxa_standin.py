@@ -95,7 +95,6 @@ class WxaBook(SqliteBook):
             db.execute("CREATE TABLE IF NOT EXISTS refusing (openid TEXT PRIMARY KEY)")
             db.execute("CREATE TABLE IF NOT EXISTS faults (id INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT)")
 
-
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with closing(sqlite3.connect(self.path, timeout=30)) as db:
             return db.execute(sql, args).fetchall()

@@ -14,7 +14,6 @@ group commit's queue is bounded (beyond it: failure at once, "busy").
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
@@ -27,10 +26,10 @@ from typing import Any
 
 from prometheus_client import Counter
 from sqlalchemy import delete, insert, select
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from mallgate.channels.errors import ChannelError
+from mallgate.db.group_commit import GroupCommit, Outcomes
 from mallgate.db.models import PaymentNotification, table_of
 from mallgate.forwarded import rate_key
 from mallgate.runtime import Runtime
@@ -231,101 +230,6 @@ class _Pending:
     event: PaymentEvent | None  # to apply; None when `result` is already the outcome
     result: Applied
     received_at: datetime
-    done: asyncio.Future[Applied]
-
-
-def _resolve(items: list[_Pending], results: list[Applied]) -> None:
-    for item, result in zip(items, results, strict=True):
-        if not item.done.done():  # a caller that went away cancelled its future
-            item.done.set_result(result)
-
-
-class GroupCommit:
-    """Applies the notifications that arrive together in one transaction: one commit, one fsync.
-
-    A durable commit costs far more than the work inside it (about 0.3 ms of
-    fsync on SQLite), so one commit per notification caps a server near 3,000/s.
-    While one batch commits, the next requests queue; the following batch takes
-    them all. If a batch's transaction fails, each of its notifications is tried
-    again in a transaction of its own, so one that spoils the batch leaves the
-    others to go through. No caller hears "accepted" before the commit, and every
-    caller hears something: whatever fails, each future is resolved.
-
-    The queue holds at most `notify.queue_limit` notices (the batch being written not
-    counted); beyond that a notice is answered failure ("busy") at once, and the
-    platform sends it again later.
-    """
-
-    MAX_BATCH = 128
-
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-        self.limit = runtime.settings.notify.queue_limit
-        self.queue: list[_Pending] = []
-        self.draining = False
-        # The loop keeps only a weak reference to a task: this one must not vanish mid-batch.
-        self.task: asyncio.Task[None] | None = None
-        self.busy_reported_at = float("-inf")
-
-    async def submit(self, item: _Pending) -> Applied:
-        if len(self.queue) >= self.limit:
-            DROPPED.labels(item.row["channel"], "busy").inc()
-            now = asyncio.get_running_loop().time()
-            if now - self.busy_reported_at >= 60:  # one line a minute, not one per notice turned away
-                log.warning("notification queue full (%d waiting): answering busy", len(self.queue))
-                self.busy_reported_at = now
-            return BUSY
-        self.queue.append(item)
-        if not self.draining:
-            self.draining = True
-            self.task = asyncio.get_running_loop().create_task(self._drain())
-        return await item.done
-
-    async def _drain(self) -> None:
-        batch: list[_Pending] = []
-        try:
-            while self.queue:
-                batch, self.queue = self.queue[: self.MAX_BATCH], self.queue[self.MAX_BATCH :]
-                _resolve(batch, await self._commit(batch))
-                batch = []
-        except BaseException as exc:
-            # Cancelled (the loop shutting down) or a bug: nobody may wait for an answer forever.
-            log.error("notification group commit stopped: %s", type(exc).__name__)
-            waiting, self.queue = batch + self.queue, []
-            _resolve(waiting, [NOT_STORED] * len(waiting))
-            if not isinstance(exc, Exception):
-                raise
-        finally:
-            self.draining = False
-
-    async def _commit(self, batch: list[_Pending]) -> list[Applied]:
-        try:
-            # Connect timeouts bound a dead database; this bounds a wedged one, so the platform
-            # hears "failure" and retries instead of hanging on us.
-            async with asyncio.timeout(self.runtime.settings.db_timeout_seconds + 3):
-                try:
-                    return await self.runtime.db.run_write(lambda s: _store_and_apply(s, batch))
-                except (TimeoutError, OSError):
-                    raise  # the database is unreachable: one transaction each would only wait longer
-                except Exception:
-                    if len(batch) == 1:
-                        raise
-                # One notification spoiled the batch (a constraint, a race): give each its own
-                # transaction so the others still go through.
-                return [await self._commit_one(item) for item in batch]
-        except (TimeoutError, SQLAlchemyError, OSError) as exc:
-            log.warning("%d notification(s) not stored: %s", len(batch), type(exc).__name__)
-        except Exception as exc:
-            # Not a database failure: a bug. The type only; the message may carry SQL parameters.
-            log.error("%d notification(s) not stored: unexpected %s", len(batch), type(exc).__name__)
-        return [UNAVAILABLE] * len(batch)
-
-    async def _commit_one(self, item: _Pending) -> Applied:
-        try:
-            return (await self.runtime.db.run_write(lambda s: _store_and_apply(s, [item])))[0]
-        except Exception as exc:
-            log.warning("%s notification failed to apply: %s", item.row["channel"], type(exc).__name__)
-            return UNAVAILABLE
 
 
 _INSERT_NOTIFICATION = insert(table_of(PaymentNotification))
@@ -354,10 +258,26 @@ def _store_and_apply(session: Session, batch: list[_Pending]) -> list[Applied]:
     return results
 
 
-def _group_commit(runtime: Runtime) -> GroupCommit:
+def _count_busy(item: _Pending) -> None:
+    DROPPED.labels(item.row["channel"], "busy").inc()
+
+
+def _group_commit(runtime: Runtime) -> GroupCommit[_Pending, Applied]:
+    """The notices of this process, applied in batches (`mallgate.db.group_commit`).
+
+    The queue holds at most `notify.queue_limit` notices; beyond that a notice is answered
+    failure ("busy") at once, and the platform sends it again later.
+    """
     committer = runtime.services.get("notifications.group_commit")
     if not isinstance(committer, GroupCommit):
-        committer = runtime.services["notifications.group_commit"] = GroupCommit(runtime)
+        committer = runtime.services["notifications.group_commit"] = GroupCommit(
+            runtime,
+            "notification(s)",
+            _store_and_apply,
+            Outcomes(unavailable=UNAVAILABLE, busy=BUSY, stopped=NOT_STORED),
+            limit=runtime.settings.notify.queue_limit,
+            on_busy=_count_busy,
+        )
     return committer
 
 
@@ -398,9 +318,7 @@ async def receive(
         DROPPED.labels(raw.channel, "rate_limited").inc()
         return judged
     row, event, result = judged
-    result = await _group_commit(runtime).submit(
-        _Pending(row, event, result, now, asyncio.get_running_loop().create_future())
-    )
+    result = await _group_commit(runtime).submit(_Pending(row, event, result, now))
     if not result.accepted and result is not BUSY:  # busy is counted, and logged by the group commit
         log.warning("%s notification refused: %s %s", raw.channel, result.outcome, result.reason)
     return result

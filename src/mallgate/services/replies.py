@@ -7,6 +7,7 @@ rules win over contains rules, and among rules of one kind the newest wins.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from mallgate.clock import show_time
 from mallgate.db.models import WechatReply
 from mallgate.envelope import ApiError
 from mallgate.params import Params
+from mallgate.runtime import Runtime
 
 KINDS: Final = ("subscribe", "keyword")
 MATCHES: Final = ("exact", "contains")
@@ -130,26 +132,65 @@ def _reply_of(row: WechatReply) -> Reply:
     return Reply(row.reply_type, json.loads(row.content))
 
 
-async def subscribe_reply(session: AsyncSession) -> Reply | None:
-    row = await session.scalar(
-        select(WechatReply).where(WechatReply.kind == "subscribe").order_by(WechatReply.id.desc()).limit(1)
-    )
-    return _reply_of(row) if row is not None else None
+@dataclass(frozen=True)
+class Rules:
+    """Every reply rule at one moment, ready to match without the database."""
 
+    # (match mode, trimmed casefolded keyword, reply), the newest rule first
+    keywords: tuple[tuple[str, str, Reply], ...]
+    welcome: Reply | None
 
-async def keyword_reply(session: AsyncSession, text: str) -> Reply | None:
-    """The rule a user's text matches: exact before contains, the newest first within each."""
-    said = text.strip().casefold()
-    if not said:
+    def keyword_reply(self, text: str) -> Reply | None:
+        """The rule a user's text matches: exact before contains, the newest first within each."""
+        said = text.strip().casefold()
+        if not said:
+            return None
+        for mode in MATCHES:
+            for rule_mode, word, reply in self.keywords:
+                if rule_mode == mode and word and (said == word if mode == "exact" else word in said):
+                    return reply
         return None
-    rows = (
-        await session.scalars(
-            select(WechatReply).where(WechatReply.kind == "keyword").order_by(WechatReply.id.desc())
-        )
-    ).all()
-    for mode in MATCHES:
-        for row in rows:
-            word = row.keyword.strip().casefold()
-            if row.match_mode == mode and word and (said == word if mode == "exact" else word in said):
-                return _reply_of(row)
-    return None
+
+
+async def load_rules(session: AsyncSession) -> Rules:
+    rows = (await session.scalars(select(WechatReply).order_by(WechatReply.id.desc()))).all()
+    welcome = next((row for row in rows if row.kind == "subscribe"), None)
+    keywords = [row for row in rows if row.kind == "keyword"]
+    return Rules(
+        keywords=tuple((row.match_mode, row.keyword.strip().casefold(), _reply_of(row)) for row in keywords),
+        welcome=_reply_of(welcome) if welcome is not None else None,
+    )
+
+
+# A push is answered from rules read at most this long ago: a read per push cost more than
+# the rest of its handling. The worker that changes a rule forgets its copy at once; the
+# other workers and machines see the change within this many seconds.
+RULES_TTL: Final = 5.0
+_RULES: Final = "replies.rules"
+
+
+@dataclass
+class _Cached:
+    rules: asyncio.Task[Rules]
+    until: float
+
+
+async def current_rules(runtime: Runtime) -> Rules:
+    """The rules, read once per `RULES_TTL` per process however many pushes ask at once."""
+    now = runtime.clock.now()
+    cached = runtime.services.get(_RULES)
+    failed = isinstance(cached, _Cached) and cached.rules.done() and cached.rules.exception() is not None
+    if not isinstance(cached, _Cached) or now >= cached.until or failed:
+        read = asyncio.ensure_future(_read_rules(runtime))
+        cached = runtime.services[_RULES] = _Cached(read, now + RULES_TTL)
+    return await asyncio.shield(cached.rules)
+
+
+async def _read_rules(runtime: Runtime) -> Rules:
+    async with runtime.db.read() as session:
+        return await load_rules(session)
+
+
+def forget_rules(runtime: Runtime) -> None:
+    """Called after a rule changed here: the next push reads them again."""
+    runtime.services.pop(_RULES, None)

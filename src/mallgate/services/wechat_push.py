@@ -17,10 +17,11 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Final
+from typing import Any, Final
 
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from mallgate.channels.wechat_messages import (
     Event,
@@ -31,7 +32,8 @@ from mallgate.channels.wechat_messages import (
     UnsubscribeEvent,
     reply_xml,
 )
-from mallgate.db.models import WechatFollower, WechatPush
+from mallgate.db.group_commit import GroupCommit, Outcomes
+from mallgate.db.models import WechatFollower, WechatPush, table_of
 from mallgate.runtime import Runtime
 from mallgate.services import replies
 from mallgate.services.replies import Reply
@@ -71,12 +73,69 @@ def key_hash(push: Push) -> str:
     return hashlib.sha256(push.dedupe_key().encode("utf-8")).hexdigest()
 
 
+class NotClaimed(Exception):
+    """The push could not be claimed (the database failed, or the queue was full): not handled."""
+
+
+_FIRST, _RETRY, _UNAVAILABLE, _BUSY, _STOPPED = "first", "retry", "unavailable", "busy", "stopped"
+_INSERT_PUSH = insert(table_of(WechatPush))
+
+
+def _claim_batch(session: Session, rows: list[dict[str, Any]]) -> list[str]:
+    """Claims each row's key not taken yet, in the caller's transaction: first or retry, in order.
+
+    On SQLite the write transaction excludes every other writer, so the read of the keys taken
+    holds until the commit. On PostgreSQL and MySQL another worker may insert one of these keys
+    meanwhile: the INSERT then fails, and the group commit claims each push alone, where that
+    failure means the other worker has it (`_lost_race`).
+    """
+    taken = _taken(session, [row["dedupe_key"] for row in rows])
+    fresh: list[dict[str, Any]] = []
+    results: list[str] = []
+    for row in rows:
+        if row["dedupe_key"] in taken:  # a retry, perhaps of a push in this very batch
+            results.append(_RETRY)
+            continue
+        taken.add(row["dedupe_key"])
+        fresh.append(row)
+        results.append(_FIRST)
+    if fresh:
+        session.connection().execute(_INSERT_PUSH, fresh)
+    return results
+
+
+def _taken(session: Session, keys: list[str]) -> set[str]:
+    return set(session.scalars(select(WechatPush.dedupe_key).where(WechatPush.dedupe_key.in_(keys))))
+
+
+def _lost_race(_row: dict[str, Any], exc: Exception) -> str | None:
+    return _RETRY if isinstance(exc, IntegrityError) else None
+
+
+def _claims(runtime: Runtime) -> GroupCommit[dict[str, Any], str]:
+    """This process's claims, committed in batches: SQLite's one writer, one fsync per batch."""
+    committer = runtime.services.get("wechat_push.claims")
+    if not isinstance(committer, GroupCommit):
+        committer = runtime.services["wechat_push.claims"] = GroupCommit(
+            runtime,
+            "wechat push claim(s)",
+            _claim_batch,
+            Outcomes(unavailable=_UNAVAILABLE, busy=_BUSY, stopped=_STOPPED),
+            limit=runtime.settings.notify.queue_limit,
+            alone_failed=_lost_race,
+            durable=False,
+        )
+    return committer
+
+
 async def claim(
     runtime: Runtime, key: str, push: Push, *, reply: str | None = None, outcome: str = "handling"
 ) -> bool:
     """True for the first delivery of `key` on any worker or machine; False for a retry.
 
-    With `reply`, the push is claimed already answered (one transaction instead of two).
+    With `reply`, the push is claimed already answered (one write instead of two). Raises
+    `NotClaimed` when the database could not say: the push is then not handled, and the
+    answer is not `success`, so WeChat sends it again.
     """
     now = _now(runtime)
     row = {
@@ -89,17 +148,19 @@ async def claim(
         "reply": reply,
         "finished_at": now if reply is not None else None,
     }
-    try:
-        # run_write: on SQLite, writers of several workers queue on the write lock instead of
-        # SQLite's busy handler, which sleeps in growing steps and stalled pushes for seconds.
-        await runtime.db.run_write(lambda session: session.execute(insert(WechatPush).values(**row)))
-    except IntegrityError:
+    result = await _claims(runtime).submit(row)
+    if result not in (_FIRST, _RETRY):
+        raise NotClaimed(result)
+    if result == _RETRY:
         return False
     state = _state(runtime)
     state.claims += 1
     if state.claims % PRUNE_EVERY == 0:
-        async with runtime.db.transaction() as session:
-            await session.execute(delete(WechatPush).where(WechatPush.received_at < _now(runtime) - KEEP))
+        cutoff = _now(runtime) - KEEP
+        await runtime.db.run_write(
+            lambda session: session.execute(delete(WechatPush).where(WechatPush.received_at < cutoff)),
+            durable=False,
+        )
     return True
 
 
@@ -116,7 +177,7 @@ async def _finish(runtime: Runtime, key: str, reply: str, outcome: str) -> None:
         .where(WechatPush.dedupe_key == key)
         .values(reply=reply, outcome=outcome, finished_at=_now(runtime))
     )
-    await runtime.db.run_write(lambda session: session.execute(change))
+    await runtime.db.run_write(lambda session: session.execute(change), durable=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,11 +223,10 @@ async def record_unfollow(runtime: Runtime, push: Push) -> None:
 
 async def find_reply(runtime: Runtime, push: Push) -> Reply | None:
     """The auto-reply for `push`: a keyword rule for a text, the welcome for a follow."""
-    async with runtime.db.read() as session:
-        if isinstance(push, TextMessage):
-            return await replies.keyword_reply(session, push.content)
-        if isinstance(push, SubscribeEvent):
-            return await replies.subscribe_reply(session)
+    if isinstance(push, TextMessage):
+        return (await replies.current_rules(runtime)).keyword_reply(push.content)
+    if isinstance(push, SubscribeEvent):
+        return (await replies.current_rules(runtime)).welcome
     return None
 
 
