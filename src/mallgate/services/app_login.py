@@ -221,7 +221,7 @@ async def _login_verified(
 
     # Find or make the user, take the platform's profile, mark the login: one write transaction.
     def write(session: Session) -> tuple[User, str, bool]:
-        found = accounts.find_or_create(
+        found = accounts.find_for_login(
             session,
             now,
             provider=verified.provider,
@@ -235,7 +235,7 @@ async def _login_verified(
         accounts.update_wechat_profile(
             found.user, nickname=verified.nickname, avatar=verified.avatar, sex=verified.sex
         )
-        return found.user, accounts.mark_login(session, found.user, now, ip, ttl), found.created
+        return found.user, accounts.record_login(session, found.user, now, ip, ttl), found.created
 
     user, token, created = await runtime.db.run_write(write)
     log.info("app login provider=%s user=%s created=%s", verified.provider, user.id, created)

@@ -271,8 +271,8 @@ def _mobile(phone: PhoneInfo) -> str:
 
 
 def _bind_mobile(session: Session, user: User, mobile: str) -> None:
-    owner = session.scalars(select(User).where(User.mobile == mobile)).first()
-    if owner is not None and owner.id != user.id:
+    owner = session.connection().execute(select(User.id).where(User.mobile == mobile)).scalar()
+    if owner is not None and owner != user.id:
         raise ApiError(
             "该手机号已绑定其他账号，请使用该手机号登录，或在微信中更换手机号",
             "auth.mobile_taken",
@@ -311,7 +311,7 @@ async def _login_once(
     mobile = _mobile(phone) if phone is not None else None
 
     def write(session: Session) -> tuple[User, str, bool]:
-        found = accounts.find_or_create(
+        found = accounts.find_for_login(
             session,
             now,
             provider=accounts.WECHAT,
@@ -326,7 +326,7 @@ async def _login_once(
         )
         if mobile is not None:
             _bind_mobile(session, found.user, mobile)
-        return found.user, accounts.mark_login(session, found.user, now, ip, ttl), found.created
+        return found.user, accounts.record_login(session, found.user, now, ip, ttl), found.created
 
     user, token, created = await runtime.db.run_write(write)
     return accounts.profile(user, token, zone=runtime.settings.zone), created
