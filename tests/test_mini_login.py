@@ -131,6 +131,32 @@ async def test_a_returning_user_is_the_same_user_with_a_new_session_key(
     assert three["id"] == one["id"] and three["nickname"] == "改名了"
 
 
+async def test_a_returning_login_learns_a_unionid_once_and_writes_the_login(
+    client: httpx.AsyncClient, server: Server
+) -> None:
+    name = person()
+    minted = await mint(client, name=name, no_unionid="1")
+    first = await auth_ok(client, code=minted["code"])
+    openid = minted["openid"]
+    assert (await identity_of(server, openid)).unionid is None
+    unionid = "u_late_" + secrets.token_hex(6)
+    second = await auth_ok(
+        client, code=(await mint(client, name=name, unionid=unionid))["code"], userInfo={"gender": 1}
+    )
+    assert second["id"] == first["id"]
+    assert (await identity_of(server, openid)).unionid == unionid
+    # A unionid once stored is WeChat's word: another one later does not replace it.
+    await auth_ok(
+        client, code=(await mint(client, name=name, unionid="u_other_" + secrets.token_hex(6)))["code"]
+    )
+    assert (await identity_of(server, openid)).unionid == unionid
+    # What the answer said was written: the stored user reads the same, and the new token works.
+    stored = await admin_get_user(client, second["id"])
+    assert stored["sex"] == "1" and stored["last_ip"] and stored["last_login"]
+    me = await client.post("/api/user/info", data={"token": second["token"]})
+    assert me.json()["data"]["id"] == second["id"] and me.json()["data"]["sex"] == "1", me.text
+
+
 async def test_the_session_key_is_in_no_answer_no_log_and_not_stored_in_clear(
     client: httpx.AsyncClient, server: Server, caplog: pytest.LogCaptureFixture
 ) -> None:
