@@ -320,6 +320,10 @@ async def test_apple_new_user_with_email_then_the_same_user(
     again = await logged_in(client, type="apple", access_token=await apple_token(client, sub=sub))
     assert again["id"] == first["id"]
     assert (await identity_row(server, "apple", sub)).email == "a1b2@privaterelay.appleid.com"
+    # A token with another email (the person changed the relay): that one is kept from now on.
+    token = await apple_token(client, sub=sub, email="c3d4@privaterelay.appleid.com")
+    assert (await logged_in(client, type="apple", access_token=token))["id"] == first["id"]
+    assert (await identity_row(server, "apple", sub)).email == "c3d4@privaterelay.appleid.com"
 
 
 @pytest.mark.parametrize(
