@@ -369,3 +369,16 @@ async def test_the_queue_bound_answers_busy_without_queueing() -> None:
     db.release.set()
     results = await asyncio.wait_for(asyncio.gather(*writing, *late[:5]), 10)
     assert all(not r.accepted and r.reason != "busy" for r in results)
+
+
+async def test_a_repeat_answers_success_only_once_it_is_counted() -> None:
+    """A repeat of an accepted notice is still answered after a commit: with the database
+    failing, it hears failure (the platform sends it again), never success."""
+    runtime = _stub_runtime(_FailingDb(OSError("disk gone")))
+    raw, event = _raw(7), _event(7)
+    key = ("alipay", event.order_no, hashlib.sha256(raw.body).hexdigest(), "")
+    notifications._accepted(runtime).add((key, event), notifications.Applied(True, "applied", ""))
+    result = await asyncio.wait_for(receive(runtime, raw, lambda _r: event), 10)
+    assert (result.accepted, result.outcome) == (False, "error")
+    # The repeat was verified and looked up: without the memory it would go the full way.
+    assert runtime.db.calls == 1  # type: ignore[attr-defined]

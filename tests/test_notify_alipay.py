@@ -8,7 +8,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import httpx
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 
 from conftest import Server, other_server
 from mallgate.channels import alipay
@@ -111,13 +111,43 @@ async def test_valid_rsa2_notification_pays_once(client: httpx.AsyncClient, serv
         form["trade_no"],
         "88.00",
     )
-    assert await post(client, server, form) == "success"  # Alipay resends until it hears success
+    for _ in range(3):
+        assert await post(client, server, form) == "success"  # Alipay resends until it hears success
     assert await admin_get_order(client, order["order_no"]) == paid
     rows = await audit(client, order["order_no"])
-    assert [(r["channel"], r["verified"], r["outcome"]) for r in rows] == [
-        ("alipay", True, "applied"),
-        ("alipay", True, "duplicate"),
+    # The same bytes again are counted on the notice's row, not stored again.
+    assert [(r["channel"], r["verified"], r["outcome"], r["repeats"]) for r in rows] == [
+        ("alipay", True, "applied", 3)
     ]
+    assert rows[0]["last_repeat_at"] is not None
+    # A distinct notice of the same payment (another notify_id) is a row of its own.
+    other = signed(server, order["order_no"], "88.00", trade_no=form["trade_no"], notify_id="another-notice")
+    assert await post(client, server, other) == "success"
+    rows = await audit(client, order["order_no"])
+    assert [(r["outcome"], r["repeats"]) for r in rows] == [("applied", 3), ("duplicate", 0)]
+
+
+async def test_a_repeat_is_counted_by_any_worker_and_stored_again_once_its_row_is_gone(
+    client: httpx.AsyncClient, server: Server
+) -> None:
+    order = await admin_create_order(client, amount="9.00")
+    form = signed(server, order["order_no"], "9.00")
+    assert await post(client, server, form) == "success"
+    runtime = server.app.state.runtime
+    # A worker that never saw the notice accepted: the repeat goes the full way, and the
+    # transaction counts it on the stored row instead of storing the same bytes again.
+    runtime.services.pop("notifications.accepted", None)
+    assert await post(client, server, form) == "success"
+    assert [(r["outcome"], r["repeats"]) for r in await audit(client, order["order_no"])] == [("applied", 1)]
+    # Its row pruned, a repeat is stored again in full (and still changes nothing).
+    gone = delete(PaymentNotification).where(PaymentNotification.order_no == order["order_no"])
+    async with runtime.db.transaction() as session:
+        await session.execute(gone)
+    assert await post(client, server, form) == "success"
+    assert await post(client, server, form) == "success"
+    rows = await audit(client, order["order_no"])
+    assert [(r["outcome"], r["repeats"]) for r in rows] == [("duplicate", 1)]
+    assert (await admin_get_order(client, order["order_no"]))["paid_amount"] == "9.00"
 
 
 async def test_amount_written_without_decimals_still_matches(
@@ -280,8 +310,10 @@ async def _fifty(client: httpx.AsyncClient, server: Server, kind: str) -> None:
     state = await admin_get_order(client, order["order_no"])
     assert (state["status"], state["paid_amount"]) == ("paid", "30.00")
     assert (await admin_get_user(client, user["id"]))["amount"] == ("30.00" if kind == "recharge" else "0.00")
-    outcomes = [r["outcome"] for r in await audit(client, order["order_no"])]
-    assert len(outcomes) == 50 and outcomes.count("applied") == 1
+    rows = await audit(client, order["order_no"])
+    outcomes = [r["outcome"] for r in rows]
+    # Every one of the fifty is on record: as a row, or counted on the row of the same bytes.
+    assert len(rows) + sum(r["repeats"] for r in rows) == 50 and outcomes.count("applied") == 1
 
 
 async def test_fifty_concurrent_notifications_change_a_goods_order_once(

@@ -228,6 +228,9 @@ class PaymentNotification(Base):
     verified: Mapped[bool] = mapped_column(Boolean, default=False)
     outcome: Mapped[str] = mapped_column(String(24), default="received")
     reason: Mapped[str] = mapped_column(String(255), default="")
+    # The same accepted notice again, byte for byte (a platform's retry): counted here, not stored.
+    repeats: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_repeat_at: Mapped[datetime | None] = mapped_column(DateTime)
 
 
 class CacheEntry(Base):

@@ -18,14 +18,15 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
 from prometheus_client import Counter
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from mallgate.channels.errors import ChannelError
@@ -230,6 +231,8 @@ class _Pending:
     event: PaymentEvent | None  # to apply; None when `result` is already the outcome
     result: Applied
     received_at: datetime
+    # False for a replay: it is stored as a notice of its own even when its bytes are a repeat.
+    compact: bool = True
 
 
 _INSERT_NOTIFICATION = insert(table_of(PaymentNotification))
@@ -240,7 +243,8 @@ def _store_and_apply(session: Session, batch: list[_Pending]) -> list[Applied]:
 
     The raw rows and the changes they cause commit together or not at all, so a
     notification is never applied without its audit row, nor stored as applied
-    when it was not; one multi-row INSERT keeps a batch cheap.
+    when it was not; one multi-row INSERT keeps a batch cheap. A duplicate that is a
+    byte-for-byte repeat of a notice already stored is counted on that notice's row.
     """
     results = [item.result for item in batch]
     verified = [(i, item.event, item.received_at) for i, item in enumerate(batch) if item.event is not None]
@@ -248,14 +252,133 @@ def _store_and_apply(session: Session, batch: list[_Pending]) -> list[Applied]:
         applied = apply_events(session, [(event, now) for _, event, now in verified])
         for (index, _, _), result in zip(verified, applied, strict=True):
             results[index] = result
-    session.connection().execute(
-        _INSERT_NOTIFICATION,
-        [
-            {**item.row, "outcome": result.outcome, "reason": storable(result.reason[:255])}
-            for item, result in zip(batch, results, strict=True)
-        ],
-    )
+    repeats = [
+        i
+        for i, (item, result) in enumerate(zip(batch, results, strict=True))
+        if item.compact and item.event is not None and result.outcome == "duplicate" and _repeat_key(item.row)
+    ]
+    counted: set[int] = set()
+    if repeats:
+        found = _count_repeats(session, [(_repeat_key(batch[i].row), batch[i].received_at) for i in repeats])
+        counted = {i for i, hit in zip(repeats, found, strict=True) if hit}
+    rows = [
+        {**item.row, "outcome": result.outcome, "reason": storable(result.reason[:255])}
+        for i, (item, result) in enumerate(zip(batch, results, strict=True))
+        if i not in counted
+    ]
+    if rows:
+        session.connection().execute(_INSERT_NOTIFICATION, rows)
     return results
+
+
+# ----------------------------------------------------------------------------------------------
+# repeats: the same accepted notice again, byte for byte
+#
+# Alipay and WeChat Pay send a notice again until they read "success", and a lost answer
+# or an impatient platform makes many repeats. A repeat changes nothing, so its bytes are
+# not stored again: it is counted on the first row of the same notice (`repeats`,
+# `last_repeat_at`). Every distinct notice and every refusal still has a row of its own.
+# Each worker remembers the notices it saw accepted; a repeat of one is still verified in
+# full, then only counted, in a transaction that does not wait for the disk: the notice's
+# own row, and the change it made, were durable before its first "success", and a count
+# lost in a power cut loses no money.
+
+RepeatKey = tuple[str, str, str, str]  # channel, order_no, body_sha256, query_string
+
+
+def _repeat_key(row: dict[str, Any]) -> RepeatKey | None:
+    if not row.get("order_no") or not row.get("verified"):
+        return None
+    return (row["channel"], row["order_no"], row["body_sha256"], row["query_string"])
+
+
+def _count_repeats(session: Session, repeats: Sequence[tuple[RepeatKey | None, datetime]]) -> list[bool]:
+    """Counts each repeat on the first stored row of its notice; False where there is none (pruned)."""
+    table = table_of(PaymentNotification)
+    keys = [key for key, _ in repeats if key is not None]
+    query = (
+        select(table.c.id, table.c.channel, table.c.order_no, table.c.body_sha256, table.c.query_string)
+        .where(
+            table.c.order_no.in_({key[1] for key in keys}),
+            table.c.body_sha256.in_({key[2] for key in keys}),
+            table.c.verified.is_(True),
+        )
+        .order_by(table.c.id)
+    )
+    first: dict[RepeatKey, int] = {}
+    for row_id, channel, order_no, sha, query_string in session.connection().execute(query):
+        first.setdefault((channel, order_no, sha, query_string), row_id)
+    counts: dict[int, tuple[int, datetime]] = {}
+    for key, at in repeats:
+        row_id = first.get(key) if key is not None else None
+        if row_id is not None:
+            n, last = counts.get(row_id, (0, at))
+            counts[row_id] = (n + 1, max(last, at))
+    for row_id, (n, last) in counts.items():
+        session.connection().execute(
+            update(table).where(table.c.id == row_id).values(repeats=table.c.repeats + n, last_repeat_at=last)
+        )
+    return [key is not None and key in first for key, _ in repeats]
+
+
+REPEAT = "repeat of a notice already accepted"
+# A notice's bytes and what they were verified to say (the same bytes always say the same).
+_Seen = tuple[RepeatKey, PaymentEvent]
+
+
+class AcceptedNotices:
+    """The notices this process saw accepted, by their exact bytes, with the answer a repeat gets.
+
+    Bounded, least recently used first out. Filled only after a commit, so a notice is in it
+    only once its row and its effect are stored.
+    """
+
+    MAX = 10_000
+
+    def __init__(self) -> None:
+        self.entries: OrderedDict[_Seen, Applied] = OrderedDict()
+
+    def get(self, key: _Seen) -> Applied | None:
+        answer = self.entries.get(key)
+        if answer is not None:
+            self.entries.move_to_end(key)
+        return answer
+
+    def add(self, key: _Seen, result: Applied) -> None:
+        # An applied notice's repeat is a duplicate; a duplicate's repeat says what it said.
+        answer = Applied(True, "duplicate", REPEAT) if result.outcome != "duplicate" else result
+        self.entries[key] = answer
+        self.entries.move_to_end(key)
+        if len(self.entries) > self.MAX:
+            self.entries.popitem(last=False)
+
+    def forget(self, key: _Seen) -> None:
+        self.entries.pop(key, None)
+
+
+def _accepted(runtime: Runtime) -> AcceptedNotices:
+    seen = runtime.services.get("notifications.accepted")
+    if not isinstance(seen, AcceptedNotices):
+        seen = runtime.services["notifications.accepted"] = AcceptedNotices()
+    return seen
+
+
+_NOT_COUNTED = Applied(False, "error", "repeat not counted")
+
+
+def _repeat_counter(runtime: Runtime) -> GroupCommit[tuple[RepeatKey, datetime], bool | Applied]:
+    committer = runtime.services.get("notifications.repeats")
+    if not isinstance(committer, GroupCommit):
+        committer = runtime.services["notifications.repeats"] = GroupCommit(
+            runtime,
+            "notification repeat(s)",
+            _count_repeats,
+            Outcomes(unavailable=UNAVAILABLE, busy=BUSY, stopped=NOT_STORED),
+            limit=runtime.settings.notify.queue_limit,
+            on_busy=lambda _item: DROPPED.labels("repeat", "busy").inc(),
+            durable=False,
+        )
+    return committer
 
 
 def _count_busy(item: _Pending) -> None:
@@ -307,10 +430,13 @@ async def receive(
     raw: RawNotification,
     decode: Decoder,
     claim: Callable[[RawNotification], str | None] | None = None,
+    *,
+    compact: bool = True,
 ) -> Applied:
     """Verify, store and apply one notification; answers after the commit; never raises.
 
     `claim` reads the order number a notice claims without trusting it, for filing refused ones.
+    `compact=False` (a replay) stores the notice in full even when it repeats one stored before.
     """
     now = runtime.clock.utcnow().replace(tzinfo=None)
     judged = _judge(runtime, raw, decode, claim, now)
@@ -318,7 +444,18 @@ async def receive(
         DROPPED.labels(raw.channel, "rate_limited").inc()
         return judged
     row, event, result = judged
-    result = await _group_commit(runtime).submit(_Pending(row, event, result, now))
+    key = _repeat_key(row) if compact and event is not None else None
+    seen = (key, event) if key is not None and event is not None else None
+    if seen is not None and key is not None and (answer := _accepted(runtime).get(seen)) is not None:
+        counted = await _repeat_counter(runtime).submit((key, now))
+        if counted is True:
+            return answer
+        if isinstance(counted, Applied):  # the database failed or the queue is full: not counted
+            return counted
+        _accepted(runtime).forget(seen)  # its row is gone (pruned): stored again, in full
+    result = await _group_commit(runtime).submit(_Pending(row, event, result, now, compact))
+    if seen is not None and result.accepted:
+        _accepted(runtime).add(seen, result)
     if not result.accepted and result is not BUSY:  # busy is counted, and logged by the group commit
         log.warning("%s notification refused: %s %s", raw.channel, result.outcome, result.reason)
     return result

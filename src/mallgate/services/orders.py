@@ -115,6 +115,8 @@ def notification_view(row: PaymentNotification, *, zone: tzinfo) -> dict[str, An
         "verified": row.verified,
         "outcome": row.outcome,
         "reason": row.reason,
+        "repeats": row.repeats,
+        "last_repeat_at": show_time(row.last_repeat_at, zone) if row.last_repeat_at else None,
     }
 
 

@@ -322,7 +322,7 @@ async def handle(runtime: Runtime, raw: RawNotification, *, replay: bool = False
         # Whatever went wrong finding the keys, the notice is refused and kept, never a 500.
         log.warning("%s decoder unavailable: %s", raw.channel, type(exc).__name__)
         decode = _refuse(f"unexpected {type(exc).__name__}")
-    applied = await receive(runtime, raw, decode, claimed_order_no)
+    applied = await receive(runtime, raw, decode, claimed_order_no, compact=not replay)
     if applied.outcome == "duplicate" and applied.reason.endswith("refund due"):
         from mallgate.services import refunds  # refunds builds on this module
 
