@@ -471,6 +471,13 @@ _WRITE_LOGIN: Final = (
 )
 _ADD_TOKEN: Final = insert(Token)
 
+# A login's write is not waited onto the disk (`Database.run_write(durable=False)`): a power
+# cut may forget the last logins, and then their tokens fail and the client logs in again
+# (a spent wx.login code included: the client asks wx.login for a new one on any failure).
+# Whatever the user does next that counts (an order, a payment) commits durably, and that
+# makes the login before it durable too: SQLite's WAL and PostgreSQL's WAL are written in order.
+LOGIN_DURABLE: Final = False
+
 
 def find_for_login(
     session: Session,

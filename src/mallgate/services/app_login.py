@@ -237,6 +237,6 @@ async def _login_verified(
         )
         return found.user, accounts.record_login(session, found.user, now, ip, ttl), found.created
 
-    user, token, created = await runtime.db.run_write(write)
+    user, token, created = await runtime.db.run_write(write, durable=accounts.LOGIN_DURABLE)
     log.info("app login provider=%s user=%s created=%s", verified.provider, user.id, created)
     return accounts.profile(user, token, zone=runtime.settings.zone)

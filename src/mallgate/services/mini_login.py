@@ -302,7 +302,8 @@ async def _login_once(
     On SQLite `run_write` runs it on a thread over plain sqlite3 under the write lock, so
     only database work belongs inside: the session_key is sealed before, the profile
     rendered after. A refused mobile raises inside, and the transaction (a user made
-    by this very login included) is rolled back whole.
+    by this very login included) is rolled back whole. Not waited onto the disk
+    (`accounts.LOGIN_DURABLE`).
     """
     now: datetime = runtime.clock.utcnow().replace(tzinfo=None)
     ttl = accounts.token_ttl(runtime)
@@ -328,7 +329,7 @@ async def _login_once(
             _bind_mobile(session, found.user, mobile)
         return found.user, accounts.record_login(session, found.user, now, ip, ttl), found.created
 
-    user, token, created = await runtime.db.run_write(write)
+    user, token, created = await runtime.db.run_write(write, durable=accounts.LOGIN_DURABLE)
     return accounts.profile(user, token, zone=runtime.settings.zone), created
 
 
