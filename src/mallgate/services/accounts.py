@@ -461,6 +461,10 @@ _BY_OPENID: Final = (
         Identity.app_id == bindparam("app_id"),
         Identity.openid == bindparam("openid"),
     )
+    # The row is written back whole (`record_login`): locked from this read on, so that a
+    # concurrent change (an admin's, another login's) waits instead of being overwritten
+    # with what was read. SQLite has no FOR UPDATE and needs none: BEGIN IMMEDIATE.
+    .with_for_update()
 )
 # Every field a login may change, written in one UPDATE whichever changed.
 _LOGIN_FIELDS: Final = ("username", "mobile", "nickname", "avatar", "sex", "last_login", "last_ip")

@@ -2,7 +2,7 @@
 
 1. ``sns/jscode2session`` gives openid, session_key and (Open Platform bound) unionid.
 2. The user is found or made by (wechat, Mini Program appid, openid), linked by a non-empty
-   unionid to the same person's Official Account and APP identities (`accounts.wechat_user`).
+   unionid to the same person's Official Account and APP identities (`accounts.find_for_login`).
 3. The session_key is kept on the identity, sealed with a key derived from the server secret
    (`secret_key.seal_session_key`), replaced at each login; it is in no answer and no log.
 4. Profile data: ``userInfo`` (object or JSON string, each field taken only when well typed),
