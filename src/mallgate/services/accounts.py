@@ -451,7 +451,7 @@ def _add_identity(
 
 # The login's own path (`find_for_login` then `record_login`) is plain Core over statements
 # built once: a returning user, nearly every login, costs one SELECT and three writes with
-# none of the ORM's loading and unit of work (a third of the CPU, measured on SQLite).
+# none of the ORM's loading and unit of work: about a third of the ORM path's CPU (SQLite).
 _USER_COLUMNS: Final = tuple(inspect(User).columns)
 _BY_OPENID: Final = (
     select(Identity.id.label("identity_id"), Identity.unionid.label("identity_unionid"), *_USER_COLUMNS)
