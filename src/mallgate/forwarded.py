@@ -46,6 +46,8 @@ def trusted_networks(text: str) -> tuple[Network, ...]:
     return parse_networks(text)
 
 
+# Cached: every request parses its peer's address, nearly always one of a few (the proxies).
+@lru_cache(maxsize=4096)
 def parse_address(text: str) -> Address | None:
     """An address as a proxy writes it: bare, `1.2.3.4:port` or `[::1]:port`; None if it is not one."""
     text = text.strip()
@@ -62,6 +64,7 @@ def parse_address(text: str) -> Address | None:
     return address
 
 
+@lru_cache(maxsize=4096)
 def _is_trusted(address: Address, trusted: tuple[Network, ...]) -> bool:
     return any(address in network for network in trusted)
 

@@ -269,13 +269,19 @@ def verify_request(
 # notifications
 
 
+def _unquote(part: bytes) -> bytes:
+    part = part.replace(b"+", b" ")
+    # Most keys and many values hold no escape: unquote_to_bytes is Python, and costs.
+    return unquote_to_bytes(part) if b"%" in part else part
+
+
 def _form_pairs(raw: bytes) -> list[tuple[bytes, bytes]]:
     pairs: list[tuple[bytes, bytes]] = []
     for piece in raw.split(b"&"):
         if not piece:
             continue
         key, _, value = piece.partition(b"=")
-        pairs.append((unquote_to_bytes(key.replace(b"+", b" ")), unquote_to_bytes(value.replace(b"+", b" "))))
+        pairs.append((_unquote(key), _unquote(value)))
     return pairs
 
 

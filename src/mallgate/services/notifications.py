@@ -26,7 +26,7 @@ from functools import partial
 from typing import Any
 
 from prometheus_client import Counter
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from mallgate.channels.errors import ChannelError
@@ -292,21 +292,33 @@ def _repeat_key(row: dict[str, Any]) -> RepeatKey | None:
     return (row["channel"], row["order_no"], row["body_sha256"], row["query_string"])
 
 
+_NOTICES = table_of(PaymentNotification)
+# Built once: constructing a statement costs more than running it (a batch runs both).
+_FIRST_ROWS = (
+    select(*(_NOTICES.c[name] for name in ("id", "channel", "order_no", "body_sha256", "query_string")))
+    .where(
+        _NOTICES.c.order_no.in_(bindparam("orders", expanding=True)),
+        _NOTICES.c.body_sha256.in_(bindparam("hashes", expanding=True)),
+        _NOTICES.c.verified.is_(True),
+    )
+    .order_by(_NOTICES.c.id)
+)
+_COUNT = (
+    update(_NOTICES)
+    .where(_NOTICES.c.id == bindparam("row_id"))
+    .values(repeats=_NOTICES.c.repeats + bindparam("n"), last_repeat_at=bindparam("last"))
+)
+
+
 def _count_repeats(session: Session, repeats: Sequence[tuple[RepeatKey | None, datetime]]) -> list[bool]:
     """Counts each repeat on the first stored row of its notice; False where there is none (pruned)."""
-    table = table_of(PaymentNotification)
     keys = [key for key, _ in repeats if key is not None]
-    query = (
-        select(table.c.id, table.c.channel, table.c.order_no, table.c.body_sha256, table.c.query_string)
-        .where(
-            table.c.order_no.in_({key[1] for key in keys}),
-            table.c.body_sha256.in_({key[2] for key in keys}),
-            table.c.verified.is_(True),
-        )
-        .order_by(table.c.id)
+    connection = session.connection()
+    found = connection.execute(
+        _FIRST_ROWS, {"orders": sorted({k[1] for k in keys}), "hashes": sorted({k[2] for k in keys})}
     )
     first: dict[RepeatKey, int] = {}
-    for row_id, channel, order_no, sha, query_string in session.connection().execute(query):
+    for row_id, channel, order_no, sha, query_string in found:
         first.setdefault((channel, order_no, sha, query_string), row_id)
     counts: dict[int, tuple[int, datetime]] = {}
     for key, at in repeats:
@@ -314,10 +326,8 @@ def _count_repeats(session: Session, repeats: Sequence[tuple[RepeatKey | None, d
         if row_id is not None:
             n, last = counts.get(row_id, (0, at))
             counts[row_id] = (n + 1, max(last, at))
-    for row_id, (n, last) in counts.items():
-        session.connection().execute(
-            update(table).where(table.c.id == row_id).values(repeats=table.c.repeats + n, last_repeat_at=last)
-        )
+    if counts:
+        connection.execute(_COUNT, [{"row_id": i, "n": n, "last": last} for i, (n, last) in counts.items()])
     return [key is not None and key in first for key, _ in repeats]
 
 
