@@ -12,7 +12,8 @@ returning users, as in a mall. Each of `rounds` rounds prints p50/p90 of the thr
 service's own share, "auth adds": p50(auth) - p50(jscode2session); the last lines give the
 median share over the rounds with its spread (and auth minus the floor, for scale). The
 target on 2 workers is under 5 ms. The figures move with the machine's other load: read
-the difference within a round, not the absolute values.
+the difference within a round, not the absolute values. Another revision runs the same
+bench from its own source tree: ``PYTHONPATH=/path/to/old/src python bench/auth_bench.py``.
 """
 
 from __future__ import annotations
@@ -142,9 +143,8 @@ def main() -> None:
     proc = start_mallgate(work, port, args.workers, {"MALLGATE_SANDBOX": "true"})
     base = f"http://127.0.0.1:{port}"
     try:
-        asyncio.run(
-            run(base, secret, min(40, args.requests), args.concurrency, args.users)
-        )  # warm every worker
+        # A short run first warms every worker (imports, connections, statement caches).
+        asyncio.run(run(base, secret, min(40, args.requests), args.concurrency, args.users))
         rounds = [
             asyncio.run(run(base, secret, args.requests, args.concurrency, args.users))
             for _ in range(args.rounds)
