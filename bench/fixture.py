@@ -1,6 +1,6 @@
 """The benchmark's fixture: keys, unpaid orders, and realistic signed Alipay payment notices.
 
-    python bench/fixture.py OUT_DIR [ORDERS]
+    python bench/fixture.py OUT_DIR [ORDERS] [RESENDS]
 
 Writes `priv.pem` / `pub.pem` (one RSA-2048 pair: the merchant and "Alipay" share it, as
 both servers only verify), `peer.db` (the peer's orders), `orders.json` (order number ->
@@ -28,7 +28,9 @@ SELLER_ID = "2088000000000000"
 SUBJECTS = ("新鲜水果礼盒 5 斤装", "无线蓝牙耳机 降噪版", "纯棉短袖 T 恤（白色 L 码）", "会员余额充值")
 
 
-def notice(index: int, order_no: str, amount: str, when: datetime) -> dict[str, str]:
+def notice(index: int, order_no: str, amount: str, when: datetime, resend: int = 0) -> dict[str, str]:
+    """The notice of order `index`; `resend` > 0 is Alipay sending it again later (a later
+    notify_time, so another signature: the same notice, not the same bytes)."""
     paid = when + timedelta(seconds=7)
     return {
         "gmt_create": when.strftime("%Y-%m-%d %H:%M:%S"),
@@ -45,7 +47,7 @@ def notice(index: int, order_no: str, amount: str, when: datetime) -> dict[str, 
         "receipt_amount": amount,
         "buyer_pay_amount": amount,
         "app_id": APP_ID,
-        "notify_time": (paid + timedelta(seconds=1)).strftime("%Y-%m-%d %H:%M:%S"),
+        "notify_time": (paid + timedelta(seconds=1, minutes=4 * resend)).strftime("%Y-%m-%d %H:%M:%S"),
         "point_amount": "0.00",
         "total_amount": amount,
         "seller_id": SELLER_ID,
@@ -64,7 +66,8 @@ def sign(fields: dict[str, str], key: rsa.RSAPrivateKey) -> str:
     return base64.b64encode(key.sign(text.encode(), padding.PKCS1v15(), hashes.SHA256())).decode()
 
 
-def make(out: Path, orders: int) -> None:
+def make(out: Path, orders: int, resends: int = 0) -> None:
+    """`resends` > 0: after each order's notice, that many resends of it, each its own bytes."""
     out.mkdir(parents=True, exist_ok=True)
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     (out / "priv.pem").write_bytes(
@@ -90,10 +93,11 @@ def make(out: Path, orders: int) -> None:
         amount = f"{(index % 500) + 1}.{index % 100:02d}"
         amounts[order_no] = amount
         db.execute("INSERT INTO orders VALUES (?, ?, 'unpaid', NULL)", (order_no, amount))
-        fields = notice(index, order_no, amount, start + timedelta(seconds=index))
-        fields["sign"] = sign(fields, key)
-        fields["sign_type"] = "RSA2"
-        bodies.append(urlencode(fields))
+        for resend in range(resends + 1):
+            fields = notice(index, order_no, amount, start + timedelta(seconds=index), resend)
+            fields["sign"] = sign(fields, key)
+            fields["sign_type"] = "RSA2"
+            bodies.append(urlencode(fields))
     db.commit()
     db.close()
     (out / "orders.json").write_text(json.dumps(amounts))
@@ -101,4 +105,5 @@ def make(out: Path, orders: int) -> None:
 
 
 if __name__ == "__main__":
-    make(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 300)
+    numbers = [int(arg) for arg in sys.argv[2:4]]
+    make(Path(sys.argv[1]), *numbers)

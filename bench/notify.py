@@ -31,6 +31,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -160,6 +161,13 @@ def main() -> None:
     parser.add_argument("--db", choices=["sqlite", "postgresql"], default="sqlite")
     parser.add_argument("--pg-url", default="postgresql+asyncpg://postgres@127.0.0.1:5432/test")
     parser.add_argument("--orders", type=int, default=300)
+    parser.add_argument(
+        "--resends",
+        type=int,
+        default=0,
+        help="notices per order beyond the first, each with a later notify_time (so its own bytes and "
+        "signature, as Alipay's own retries); with enough of them every request is a distinct notice",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--connections", type=int, default=32)
@@ -171,7 +179,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="mallgate-bench-"))
     fixture = work / "fx"
-    make(fixture, args.orders)
+    make(fixture, args.orders, args.resends)
     bodies: list[str] = json.loads((fixture / "notices.json").read_text())
     orders: dict[str, str] = json.loads((fixture / "orders.json").read_text())
     procs: list[subprocess.Popen[bytes]] = []
@@ -222,23 +230,27 @@ def main() -> None:
         c, s = args.connections, args.seconds
         print(
             f"load: {'wrk' if use_wrk else 'python httpx'}, {c} connections, {s:g} s a run, "
-            f"{args.workers} workers each, {len(bodies)} orders, {len(bodies[0])}-byte notices, db {args.db}"
+            f"{args.workers} workers each, {len(orders)} orders, {len(bodies)} distinct notices, "
+            f"{len(bodies[0])}-byte notices, db {args.db}"
         )
         print(line(measured(ours.pid, lambda: floor_load(base, c, s, use_wrk, "mallgate GET /floor"))))
         ratios: list[float] = []
         ours_runs: list[Run] = []
         for round_no in range(1, args.rounds + 1):
+            # With resends, each round (both servers) gets notices no earlier round sent.
+            sent = bodies[round_no - 1 :: args.rounds] if args.resends else bodies
             label = f"[{round_no}] mallgate notify"
-            a = measured(ours.pid, lambda label=label: notify_load(base, bodies, c, s, use_wrk, label))
+            a = measured(ours.pid, partial(notify_load, base, sent, c, s, use_wrk, label))
             ours_runs.append(a)
             print(line(a))
             if peer is not None:
                 label = f"[{round_no}] peer notify"
-                b = measured(
-                    peer.pid, lambda label=label: notify_load(peer_base, bodies, c, s, use_wrk, label)
-                )
+                b = measured(peer.pid, partial(notify_load, peer_base, sent, c, s, use_wrk, label))
                 print(line(b))
                 ratios.append(a.result.rps / b.result.rps if b.result.rps else float("nan"))
+            if args.resends and a.result.requests > len(sent):
+                repeated = a.result.requests - len(sent)
+                print(f"    ({repeated} of mallgate's requests this round repeated a notice byte for byte)")
         rates = [r.result.rps for r in ours_runs]
         p99s = [r.result.p99_ms for r in ours_runs]
         print(
