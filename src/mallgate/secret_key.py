@@ -24,13 +24,13 @@ from typing import Final
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from mallgate.private_files import create_private
 from mallgate.settings import MIN_SECRET_KEY, Settings
 
 log = logging.getLogger("mallgate")
 
 FILE_NAME: Final = "secret_key"
 MIN_LENGTH: Final = MIN_SECRET_KEY
-_PRIVATE: Final = 0o600
 
 
 class SecretKeyError(RuntimeError):
@@ -50,21 +50,9 @@ def load_or_create(path: Path) -> bytes:
         return _read(path)
     except FileNotFoundError:
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _PRIVATE)
-    try:
-        with os.fdopen(fd, "w") as out:
-            out.write(secrets.token_urlsafe(48) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
-        try:
-            os.link(temporary, path)
-            log.info("generated a new secret key in %s", path)
-        except FileExistsError:
-            pass  # another worker got there first: its key is the one
-    finally:
-        temporary.unlink(missing_ok=True)
+    if create_private(path, (secrets.token_urlsafe(48) + "\n").encode()):
+        log.info("generated a new secret key in %s", path)
+    # else another worker got there first: its key is the one
     return _read(path)
 
 

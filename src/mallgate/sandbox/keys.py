@@ -15,7 +15,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from mallgate.keys import load_private_key, private_pem, public_pem
-from mallgate.private_files import write_private
+from mallgate.private_files import create_private, write_private
 
 
 def _new_rsa() -> str:
@@ -62,8 +62,10 @@ class SandboxKeys:
                 keys.save(path)
             return keys
         keys = cls.generate()
-        folder.mkdir(parents=True, exist_ok=True)
-        keys.save(path)
+        # Workers starting together on a fresh var dir each make keys: one file wins, and every
+        # worker uses that one (a worker with keys of its own answered every signed call wrong).
+        if not create_private(path, json.dumps(asdict(keys), indent=2).encode()):
+            return cls.load_or_create(folder)
         return keys
 
     def save(self, path: Path) -> None:
