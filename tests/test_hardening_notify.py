@@ -376,8 +376,9 @@ async def test_a_repeat_answers_success_only_once_it_is_counted() -> None:
     failing, it hears failure (the platform sends it again), never success."""
     runtime = _stub_runtime(_FailingDb(OSError("disk gone")))
     raw, event = _raw(7), _event(7)
-    key = ("alipay", event.order_no, hashlib.sha256(raw.body).hexdigest(), "")
-    notifications._accepted(runtime).add((key, event), notifications.Applied(True, "applied", ""))
+    row = ("alipay", event.order_no, hashlib.sha256(raw.body).hexdigest(), "")
+    seen = (notifications._raw_key(raw), event)
+    notifications._accepted(runtime).add(seen, row, notifications.Applied(True, "applied", ""))
     result = await asyncio.wait_for(receive(runtime, raw, lambda _r: event), 10)
     assert (result.accepted, result.outcome) == (False, "error")
     # The repeat was verified and looked up: without the memory it would go the full way.

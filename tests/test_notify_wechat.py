@@ -326,6 +326,23 @@ async def test_v3_refusals(client: httpx.AsyncClient, server: Server) -> None:
     assert await post_v3(client, server, (headers, body)) == 204
 
 
+async def test_a_v3_repeat_is_verified_again_so_a_stale_one_is_refused(
+    client: httpx.AsyncClient, server: Server
+) -> None:
+    """v3 signs in headers with a timestamp: the same bytes are believed only while it is fresh
+    (Alipay and v2 carry their signature in the bytes, and nothing else decides)."""
+    order = await admin_create_order(client, amount="6.00")
+    notice = v3_notice(server, "TRANSACTION.SUCCESS", transaction(effective(server), order["order_no"], 600))
+    assert await post_v3(client, server, notice) == 204
+    assert await post_v3(client, server, notice) == 204  # a repeat: counted on the notice's row
+    mark = await last_id(server)
+    server.clock.advance(301)
+    assert 400 <= await post_v3(client, server, notice) < 600
+    assert [(verified, reason) for verified, _, reason in await stored_since(server, mark)] == [
+        (False, "NotAuthentic: timestamp outside the accepted window")
+    ]
+
+
 async def test_fifty_concurrent_v3_notices_credit_a_recharge_once(
     client: httpx.AsyncClient, server: Server
 ) -> None:

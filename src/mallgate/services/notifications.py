@@ -332,12 +332,23 @@ def _count_repeats(session: Session, repeats: Sequence[tuple[RepeatKey | None, d
 
 
 REPEAT = "repeat of a notice already accepted"
-# A notice's bytes and what they were verified to say (the same bytes always say the same).
-_Seen = tuple[RepeatKey, PaymentEvent]
+# A request's bytes: method, query string, body (by its hash) and the headers that sign it.
+RawKey = tuple[str, str, str, str, tuple[str, ...]]
+# Its bytes alone where they carry their own signature (Alipay, WeChat Pay v2): remembered
+# before decoding. Else with what they were verified to say (WeChat Pay v3, whose signature
+# and timestamp are headers checked anew each time): remembered only after decoding.
+_Seen = tuple[RawKey, PaymentEvent | None]
+_SIGNING_HEADERS = ("wechatpay-signature", "wechatpay-timestamp", "wechatpay-nonce", "wechatpay-serial")
+
+
+def _raw_key(raw: RawNotification) -> RawKey:
+    signing = tuple(raw.headers.get(name, "") for name in _SIGNING_HEADERS)
+    return (raw.channel, raw.method, raw.query_string, hashlib.sha256(raw.body).hexdigest(), signing)
 
 
 class AcceptedNotices:
-    """The notices this process saw accepted, by their exact bytes, with the answer a repeat gets.
+    """The notices this process saw accepted, by their exact bytes: where their row is, and the
+    answer a repeat gets.
 
     Bounded, least recently used first out. Filled only after a commit, so a notice is in it
     only once its row and its effect are stored.
@@ -346,18 +357,18 @@ class AcceptedNotices:
     MAX = 10_000
 
     def __init__(self) -> None:
-        self.entries: OrderedDict[_Seen, Applied] = OrderedDict()
+        self.entries: OrderedDict[_Seen, tuple[RepeatKey, Applied]] = OrderedDict()
 
-    def get(self, key: _Seen) -> Applied | None:
-        answer = self.entries.get(key)
-        if answer is not None:
+    def get(self, key: _Seen) -> tuple[RepeatKey, Applied] | None:
+        found = self.entries.get(key)
+        if found is not None:
             self.entries.move_to_end(key)
-        return answer
+        return found
 
-    def add(self, key: _Seen, result: Applied) -> None:
+    def add(self, key: _Seen, row: RepeatKey, result: Applied) -> None:
         # An applied notice's repeat is a duplicate; a duplicate's repeat says what it said.
         answer = Applied(True, "duplicate", REPEAT) if result.outcome != "duplicate" else result
-        self.entries[key] = answer
+        self.entries[key] = (row, answer)
         self.entries.move_to_end(key)
         if len(self.entries) > self.MAX:
             self.entries.popitem(last=False)
@@ -442,33 +453,54 @@ async def receive(
     claim: Callable[[RawNotification], str | None] | None = None,
     *,
     compact: bool = True,
+    signed_in_bytes: bool = False,
 ) -> Applied:
     """Verify, store and apply one notification; answers after the commit; never raises.
 
     `claim` reads the order number a notice claims without trusting it, for filing refused ones.
     `compact=False` (a replay) stores the notice in full even when it repeats one stored before.
+    `signed_in_bytes`: the signature is inside the query string and body, and nothing else
+    (no timestamp header) decides whether the notice is believed.
     """
     now = runtime.clock.utcnow().replace(tzinfo=None)
+    raw_key = _raw_key(raw) if compact else None
+    if raw_key is not None and signed_in_bytes:
+        # The same bytes as a notice verified and accepted before: the same signature, so
+        # verifying them again could only say what it said then.
+        repeated = await _repeat(runtime, (raw_key, None), now)
+        if repeated is not None:
+            return repeated
     judged = _judge(runtime, raw, decode, claim, now)
     if isinstance(judged, Applied):  # OVER_BUDGET
         DROPPED.labels(raw.channel, "rate_limited").inc()
         return judged
     row, event, result = judged
-    key = _repeat_key(row) if compact and event is not None else None
-    seen = (key, event) if key is not None and event is not None else None
-    if seen is not None and key is not None and (answer := _accepted(runtime).get(seen)) is not None:
-        counted = await _repeat_counter(runtime).submit((key, now))
-        if counted is True:
-            return answer
-        if isinstance(counted, Applied):  # the database failed or the queue is full: not counted
-            return counted
-        _accepted(runtime).forget(seen)  # its row is gone (pruned): stored again, in full
+    seen: _Seen | None = None
+    if raw_key is not None and event is not None:
+        seen = (raw_key, None) if signed_in_bytes else (raw_key, event)
+        if not signed_in_bytes and (repeated := await _repeat(runtime, seen, now)) is not None:
+            return repeated
     result = await _group_commit(runtime).submit(_Pending(row, event, result, now, compact))
-    if seen is not None and result.accepted:
-        _accepted(runtime).add(seen, result)
+    if seen is not None and result.accepted and (stored := _repeat_key(row)) is not None:
+        _accepted(runtime).add(seen, stored, result)
     if not result.accepted and result is not BUSY:  # busy is counted, and logged by the group commit
         log.warning("%s notification refused: %s %s", raw.channel, result.outcome, result.reason)
     return result
+
+
+async def _repeat(runtime: Runtime, seen: _Seen, now: datetime) -> Applied | None:
+    """The answer to a repeat of an accepted notice once it is counted; None if it is not one."""
+    found = _accepted(runtime).get(seen)
+    if found is None:
+        return None
+    row, answer = found
+    counted = await _repeat_counter(runtime).submit((row, now))
+    if counted is True:
+        return answer
+    if isinstance(counted, Applied):  # the database failed or the queue is full: not counted
+        return counted
+    _accepted(runtime).forget(seen)  # its row is gone (pruned): stored again, in full
+    return None
 
 
 def _judge(

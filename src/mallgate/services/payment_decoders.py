@@ -322,7 +322,12 @@ async def handle(runtime: Runtime, raw: RawNotification, *, replay: bool = False
         # Whatever went wrong finding the keys, the notice is refused and kept, never a 500.
         log.warning("%s decoder unavailable: %s", raw.channel, type(exc).__name__)
         decode = _refuse(f"unexpected {type(exc).__name__}")
-    applied = await receive(runtime, raw, decode, claimed_order_no, compact=not replay)
+    # Alipay and WeChat Pay v2 sign inside the notice's own bytes; v3 signs in headers, with a
+    # timestamp that must be fresh each time.
+    in_bytes = raw.channel == ALIPAY or (raw.channel == WECHAT and is_v2(raw.body))
+    applied = await receive(
+        runtime, raw, decode, claimed_order_no, compact=not replay, signed_in_bytes=in_bytes
+    )
     if applied.outcome == "duplicate" and applied.reason.endswith("refund due"):
         from mallgate.services import refunds  # refunds builds on this module
 
