@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Final
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -78,7 +78,10 @@ class NotClaimed(Exception):
 
 
 _FIRST, _RETRY, _UNAVAILABLE, _BUSY, _STOPPED = "first", "retry", "unavailable", "busy", "stopped"
-_INSERT_PUSH = insert(table_of(WechatPush))
+
+
+_PUSHES = table_of(WechatPush)
+_INSERT_PUSH = insert(_PUSHES)
 
 
 def _claim_batch(session: Session, rows: list[dict[str, Any]]) -> list[str]:
@@ -104,8 +107,12 @@ def _claim_batch(session: Session, rows: list[dict[str, Any]]) -> list[str]:
     return results
 
 
+# Built once: constructing the statement cost more than running it.
+_TAKEN = select(_PUSHES.c.dedupe_key).where(_PUSHES.c.dedupe_key.in_(bindparam("keys", expanding=True)))
+
+
 def _taken(session: Session, keys: list[str]) -> set[str]:
-    return set(session.scalars(select(WechatPush.dedupe_key).where(WechatPush.dedupe_key.in_(keys))))
+    return set(session.connection().scalars(_TAKEN, {"keys": keys}))
 
 
 def _lost_race(_row: dict[str, Any], exc: Exception) -> str | None:
