@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -48,7 +48,7 @@ class GroupCommit(Generic[Item, Result]):
         self,
         runtime: Runtime,
         what: str,
-        write: Callable[[Session, list[Item]], list[Result]],
+        write: Callable[[Session, list[Item]], Sequence[Result]],
         outcomes: Outcomes[Result],
         *,
         limit: int,
@@ -117,7 +117,8 @@ class GroupCommit(Generic[Item, Result]):
             # hears "unavailable" instead of hanging on us.
             async with asyncio.timeout(self.runtime.settings.db_timeout_seconds + 3):
                 try:
-                    return await self.runtime.db.run_write(lambda s: write(s, batch), durable=self.durable)
+                    done = await self.runtime.db.run_write(lambda s: write(s, batch), durable=self.durable)
+                    return list(done)
                 except (TimeoutError, OSError):
                     raise  # the database is unreachable: one transaction each would only wait longer
                 except Exception as exc:
@@ -146,6 +147,17 @@ class GroupCommit(Generic[Item, Result]):
         # The type only, as above. A bug in one item must not undo the others' answers.
         log.warning("1 of %s not stored: %s", self.what, type(exc).__name__)
         return self.outcomes.unavailable
+
+
+def shared(
+    runtime: Runtime, name: str, make: Callable[[], GroupCommit[Item, Result]]
+) -> GroupCommit[Item, Result]:
+    """The process's group commit called `name`, made by `make` on first use."""
+    found = runtime.services.get(name)
+    if isinstance(found, GroupCommit):
+        return found
+    made = runtime.services[name] = make()
+    return made
 
 
 def _resolve(items: list[tuple[Item, asyncio.Future[Result]]], results: list[Result]) -> None:

@@ -389,31 +389,24 @@ def find_or_create(
     logins of one openid meet the unique (provider, app_id, openid): the loser's
     transaction raises IntegrityError and is retried by the caller.
     """
-    unionid = unionid.strip()
-    row = session.execute(
-        select(Identity, User)
-        .join(User, User.id == Identity.user_id)
-        .where(Identity.provider == provider, Identity.app_id == app_id, Identity.openid == openid)
-    ).first()
-    if row is None:
-        return _add_identity(
-            session,
-            now,
-            provider,
-            app_id,
-            openid,
-            unionid,
-            email,
-            spread_id,
-            nickname,
-            avatar,
-            sex,
-            session_key,
-        )
-    identity, user = row
-    for name, value in _identity_changes(identity.unionid, unionid, email, session_key).items():
-        setattr(identity, name, value)
-    return Found(user, created=False)
+    found = find_for_login(
+        session,
+        now,
+        provider=provider,
+        app_id=app_id,
+        openid=openid,
+        unionid=unionid,
+        email=email,
+        spread_id=spread_id,
+        nickname=nickname,
+        avatar=avatar,
+        sex=sex,
+        session_key=session_key,
+    )
+    # The login's own path hands the user back detached; the ORM callers change it in place.
+    user = session.get(User, found.user.id)
+    assert user is not None  # found or made in this very transaction
+    return Found(user, created=found.created)
 
 
 def _add_identity(

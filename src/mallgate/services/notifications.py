@@ -30,7 +30,7 @@ from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from mallgate.channels.errors import ChannelError
-from mallgate.db.group_commit import GroupCommit, Outcomes
+from mallgate.db.group_commit import GroupCommit, Outcomes, shared
 from mallgate.db.models import PaymentNotification, table_of
 from mallgate.forwarded import rate_key
 from mallgate.runtime import Runtime
@@ -384,13 +384,11 @@ def _accepted(runtime: Runtime) -> AcceptedNotices:
     return seen
 
 
-_NOT_COUNTED = Applied(False, "error", "repeat not counted")
-
-
 def _repeat_counter(runtime: Runtime) -> GroupCommit[tuple[RepeatKey, datetime], bool | Applied]:
-    committer = runtime.services.get("notifications.repeats")
-    if not isinstance(committer, GroupCommit):
-        committer = runtime.services["notifications.repeats"] = GroupCommit(
+    return shared(
+        runtime,
+        "notifications.repeats",
+        lambda: GroupCommit(
             runtime,
             "notification repeat(s)",
             _count_repeats,
@@ -398,8 +396,8 @@ def _repeat_counter(runtime: Runtime) -> GroupCommit[tuple[RepeatKey, datetime],
             limit=runtime.settings.notify.queue_limit,
             on_busy=lambda _item: DROPPED.labels("repeat", "busy").inc(),
             durable=False,
-        )
-    return committer
+        ),
+    )
 
 
 def _count_busy(item: _Pending) -> None:
@@ -412,17 +410,18 @@ def _group_commit(runtime: Runtime) -> GroupCommit[_Pending, Applied]:
     The queue holds at most `notify.queue_limit` notices; beyond that a notice is answered
     failure ("busy") at once, and the platform sends it again later.
     """
-    committer = runtime.services.get("notifications.group_commit")
-    if not isinstance(committer, GroupCommit):
-        committer = runtime.services["notifications.group_commit"] = GroupCommit(
+    return shared(
+        runtime,
+        "notifications.group_commit",
+        lambda: GroupCommit(
             runtime,
             "notification(s)",
             _store_and_apply,
             Outcomes(unavailable=UNAVAILABLE, busy=BUSY, stopped=NOT_STORED),
             limit=runtime.settings.notify.queue_limit,
             on_busy=_count_busy,
-        )
-    return committer
+        ),
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from mallgate.channels.wechat_messages import (
     UnsubscribeEvent,
     reply_xml,
 )
-from mallgate.db.group_commit import GroupCommit, Outcomes
+from mallgate.db.group_commit import GroupCommit, Outcomes, shared
 from mallgate.db.models import WechatFollower, WechatPush, table_of
 from mallgate.runtime import Runtime
 from mallgate.services import replies
@@ -120,10 +120,11 @@ def _lost_race(_row: dict[str, Any], exc: Exception) -> str | None:
 
 
 def _claims(runtime: Runtime) -> GroupCommit[dict[str, Any], str]:
-    """This process's claims, committed in batches: SQLite's one writer, one fsync per batch."""
-    committer = runtime.services.get("wechat_push.claims")
-    if not isinstance(committer, GroupCommit):
-        committer = runtime.services["wechat_push.claims"] = GroupCommit(
+    """This process's claims, committed in batches, without waiting for the disk (bookkeeping)."""
+    return shared(
+        runtime,
+        "wechat_push.claims",
+        lambda: GroupCommit(
             runtime,
             "wechat push claim(s)",
             _claim_batch,
@@ -131,8 +132,8 @@ def _claims(runtime: Runtime) -> GroupCommit[dict[str, Any], str]:
             limit=runtime.settings.notify.queue_limit,
             alone_failed=_lost_race,
             durable=False,
-        )
-    return committer
+        ),
+    )
 
 
 async def claim(
