@@ -580,6 +580,20 @@ async def test_an_oversized_body_is_refused(wechat: WeChat) -> None:
 # the deadline
 
 
+async def test_a_push_that_cannot_be_claimed_is_not_answered_success(
+    wechat: WeChat, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database down (or the claims' queue full): WeChat must send it again, so no `success`."""
+
+    async def unavailable(*_args: Any, **_kwargs: Any) -> bool:
+        raise wechat_push.NotClaimed("unavailable")
+
+    monkeypatch.setattr(wechat_push, "claim", unavailable)
+    for kind in ("text", "event:CLICK"):
+        answer = await wechat.push(sample(kind, user=openid(), word=unique("down")), "safe")
+        assert (answer.status_code, answer.text) == (503, "try again")
+
+
 async def test_a_slow_handler_is_answered_success_and_finishes_afterwards(
     server: Server,
     wechat: WeChat,

@@ -10,7 +10,8 @@ and never ``success``, so WeChat (or whoever forged the request) is not told it 
 - 403 ``invalid signature``: ``signature`` (checked in every mode, plaintext included);
 - 403 ``invalid msg_signature`` / ``appid mismatch``: an encrypted push not ours;
 - 403 ``plaintext push refused``: with ``MALLGATE_WECHAT_MP__SAFE_MODE_ONLY``;
-- 400 ``xml refused``: a DOCTYPE or entities; 400 ``cannot decrypt``: an ``Encrypt`` that is not one.
+- 400 ``xml refused``: a DOCTYPE or entities; 400 ``cannot decrypt``: an ``Encrypt`` that is not one;
+- 503 ``try again``: the push could not be claimed (the database down or its queue full).
 
 XML that does not parse, lacks a field, or is of an unknown type is answered ``success`` and
 logged: WeChat would only retry the same bytes.
@@ -127,7 +128,12 @@ async def push(request: Request, runtime: RuntimeDep) -> Response:
         return _text("xml refused", 400)
     except MalformedPush as exc:
         return _malformed(str(exc))
-    reply = await wechat_push.receive(runtime, message)
+    try:
+        reply = await wechat_push.receive(runtime, message)
+    except wechat_push.NotClaimed as exc:
+        # Never `success`: WeChat sends the push again, and a retry may find the database back.
+        log.warning("wechat push not handled: claim %s", exc)
+        return _text("try again", 503)
     if not reply:
         return success()
     if encrypted:
