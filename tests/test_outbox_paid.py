@@ -16,6 +16,7 @@ import secrets
 import signal
 import sys
 import time
+import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -317,7 +318,15 @@ async def start_mallgate(env: dict[str, str], folder: Path) -> tuple[asyncio.sub
 async def end(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
-    await asyncio.wait_for(proc.wait(), 30)
+    try:
+        await asyncio.wait_for(proc.wait(), 30)
+    except TimeoutError:
+        # Seen once in CI under load, after every assertion had passed: the server took over 30 s
+        # to stop on SIGTERM. Shutdown is not what this file tests; it is said, and the server ended.
+        warnings.warn(f"mallgate serve took over 30 s to stop on {sig.name}", stacklevel=1)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await asyncio.wait_for(proc.wait(), 30)
 
 
 async def test_a_worker_process_killed_mid_delivery_loses_nothing(backend: Backend, tmp_path: Path) -> None:
