@@ -163,8 +163,9 @@ class Database:
         On SQLite the whole unit runs on a worker thread over plain sqlite3; elsewhere it runs
         through `AsyncSession.run_sync` over the async driver.
 
-        `durable=False` is for bookkeeping that may be forgotten in a power cut (never money,
-        never an answer a platform acts on twice): its commit does not wait for the disk.
+        `durable=False` is for bookkeeping whose loss in a power cut costs nothing that matters
+        (never money, never a notice or what it changed; today: repeat counts, push claims,
+        logins): its commit does not wait for the disk.
         SQLite commits it with synchronous=NORMAL (the WAL stays intact; the next durable
         commit, of any connection, makes it durable too), PostgreSQL with
         synchronous_commit=off; MySQL has no per-transaction switch and stays durable.
