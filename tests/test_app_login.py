@@ -231,9 +231,8 @@ async def test_qq_unionid_links_qq_identities_only(client: httpx.AsyncClient, se
             unionid=minted["unionid"],
         )
         assert created and wechat.id != int(profile["id"])
-        same, created = await accounts.platform_user(
-            session, now, provider="qq", app_id="another-qq-app", openid="B" * 32, unionid=minted["unionid"]
-        )
+        who = accounts.Who("qq", "another-qq-app", "B" * 32, unionid=minted["unionid"])
+        same, created = await accounts.platform_user(session, now, who)
         assert not created and same.id == int(profile["id"])
 
 

@@ -282,6 +282,27 @@ async def find_by_mobile(session: AsyncSession, mobile: str) -> User | None:
 WECHAT: Final = "wechat"
 
 
+@dataclass(frozen=True)
+class Who:
+    """A login: the identity at (`provider`, `app_id`), and what a user made by it starts with.
+
+    `unionid` links the same person's identities of one provider (never when empty); `email`
+    is Apple's, when the token has one; `session_key` is the Mini Program's, sealed by the
+    caller; `spread_id`, the profile fields, only for a user made now.
+    """
+
+    provider: str
+    app_id: str
+    openid: str
+    unionid: str = ""
+    email: str = ""
+    spread_id: int | None = None
+    nickname: str = ""
+    avatar: str = ""
+    sex: int = 0
+    session_key: str | None = None
+
+
 async def wechat_user(
     session: AsyncSession,
     now: datetime,
@@ -295,50 +316,13 @@ async def wechat_user(
     sex: int = 0,
 ) -> tuple[User, bool]:
     """The user of a WeChat login at `app_id`, and whether it was created now (`platform_user`)."""
-    return await platform_user(
-        session,
-        now,
-        provider=WECHAT,
-        app_id=app_id,
-        openid=openid,
-        unionid=unionid,
-        spread_id=spread_id,
-        nickname=nickname,
-        avatar=avatar,
-        sex=sex,
-    )
+    who = Who(WECHAT, app_id, openid, unionid, spread_id=spread_id, nickname=nickname, avatar=avatar, sex=sex)
+    return await platform_user(session, now, who)
 
 
-async def platform_user(
-    session: AsyncSession,
-    now: datetime,
-    *,
-    provider: str,
-    app_id: str,
-    openid: str,
-    unionid: str = "",
-    email: str = "",
-    spread_id: int | None = None,
-    nickname: str = "",
-    avatar: str = "",
-    sex: int = 0,
-) -> tuple[User, bool]:
+async def platform_user(session: AsyncSession, now: datetime, who: Who) -> tuple[User, bool]:
     """`find_or_create` in an async transaction: the user, and whether it was created now."""
-    found = await session.run_sync(
-        lambda sync: find_or_create(
-            sync,
-            now,
-            provider=provider,
-            app_id=app_id,
-            openid=openid,
-            unionid=unionid,
-            email=email,
-            spread_id=spread_id,
-            nickname=nickname,
-            avatar=avatar,
-            sex=sex,
-        )
-    )
+    found = await session.run_sync(lambda sync: find_or_create(sync, now, who))
     return found.user, found.created
 
 
@@ -362,21 +346,7 @@ def _identity_changes(
     return changes
 
 
-def find_or_create(
-    session: Session,
-    now: datetime,
-    *,
-    provider: str,
-    app_id: str,
-    openid: str,
-    unionid: str = "",
-    email: str = "",
-    spread_id: int | None = None,
-    nickname: str = "",
-    avatar: str = "",
-    sex: int = 0,
-    session_key: str | None = None,
-) -> Found:
+def find_or_create(session: Session, now: datetime, who: Who) -> Found:
     """The user of a login at (`provider`, `app_id`), in the session, and whether it is new.
 
     Found by (provider, app_id, openid), identity and user in one query; else, when
@@ -389,52 +359,28 @@ def find_or_create(
     logins of one openid meet the unique (provider, app_id, openid): the loser's
     transaction raises IntegrityError and is retried by the caller.
     """
-    found = find_for_login(
-        session,
-        now,
-        provider=provider,
-        app_id=app_id,
-        openid=openid,
-        unionid=unionid,
-        email=email,
-        spread_id=spread_id,
-        nickname=nickname,
-        avatar=avatar,
-        sex=sex,
-        session_key=session_key,
-    )
+    found = find_for_login(session, now, who)
     # The login's own path hands the user back detached; the ORM callers change it in place.
     user = session.get(User, found.user.id)
     assert user is not None  # found or made in this very transaction
     return Found(user, created=found.created)
 
 
-def _add_identity(
-    session: Session,
-    now: datetime,
-    provider: str,
-    app_id: str,
-    openid: str,
-    unionid: str,
-    email: str,
-    spread_id: int | None,
-    nickname: str,
-    avatar: str,
-    sex: int,
-    session_key: str | None,
-) -> Found:
+def _add_identity(session: Session, now: datetime, who: Who, unionid: str) -> Found:
     """The identity of a first login at this app, on the unionid's user or a new one (`find_or_create`)."""
-    linked = _user_of_unionid(session, unionid, provider) if unionid else None
-    user = linked or new_user(session, now, nickname=nickname, avatar=avatar, sex=sex, spread_id=spread_id)
+    linked = _user_of_unionid(session, unionid, who.provider) if unionid else None
+    user = linked or new_user(
+        session, now, nickname=who.nickname, avatar=who.avatar, sex=who.sex, spread_id=who.spread_id
+    )
     session.add(
         Identity(
             user_id=user.id,
-            provider=provider,
-            app_id=app_id,
-            openid=openid,
+            provider=who.provider,
+            app_id=who.app_id,
+            openid=who.openid,
             unionid=unionid or None,
-            email=email or None,
-            session_key=session_key,
+            email=who.email or None,
+            session_key=who.session_key,
             created_at=now,
         )
     )
@@ -476,48 +422,22 @@ _ADD_TOKEN: Final = insert(Token)
 LOGIN_DURABLE: Final = False
 
 
-def find_for_login(
-    session: Session,
-    now: datetime,
-    *,
-    provider: str,
-    app_id: str,
-    openid: str,
-    unionid: str = "",
-    email: str = "",
-    spread_id: int | None = None,
-    nickname: str = "",
-    avatar: str = "",
-    sex: int = 0,
-    session_key: str | None = None,
-) -> Found:
+def find_for_login(session: Session, now: datetime, who: Who) -> Found:
     """`find_or_create` for a login that `record_login` finishes; the same rules.
 
     The user comes back detached from the session: what the caller changes on it
     (profile, mobile) is written by `record_login`, with the login.
     """
-    unionid = unionid.strip()
+    unionid = who.unionid.strip()
     connection = session.connection()
-    row = connection.execute(_BY_OPENID, {"provider": provider, "app_id": app_id, "openid": openid}).first()
+    keys = {"provider": who.provider, "app_id": who.app_id, "openid": who.openid}
+    row = connection.execute(_BY_OPENID, keys).first()
     if row is None:
-        found = _add_identity(
-            session,
-            now,
-            provider,
-            app_id,
-            openid,
-            unionid,
-            email,
-            spread_id,
-            nickname,
-            avatar,
-            sex,
-            session_key,
-        )
+        found = _add_identity(session, now, who, unionid)
         session.expunge(found.user)
         return found
     values = row._mapping
-    changes = _identity_changes(values["identity_unionid"], unionid, email, session_key)
+    changes = _identity_changes(values["identity_unionid"], unionid, who.email, who.session_key)
     if changes:
         connection.execute(update(Identity).where(Identity.id == values["identity_id"]).values(changes))
     return Found(User(**{column.key: values[column.key] for column in _USER_COLUMNS}), created=False)

@@ -221,17 +221,16 @@ async def _login_verified(
 
     # Find or make the user, take the platform's profile, mark the login: one write transaction.
     def write(session: Session) -> tuple[User, str, bool]:
-        found = accounts.find_for_login(
-            session,
-            now,
-            provider=verified.provider,
-            app_id=verified.app_id,
-            openid=verified.openid,
+        who = accounts.Who(
+            verified.provider,
+            verified.app_id,
+            verified.openid,
             unionid=verified.unionid,
             email=verified.email,
             spread_id=spread_id,
             nickname=verified.nickname or ("Apple 用户" if verified.provider == APPLE else ""),
         )
+        found = accounts.find_for_login(session, now, who)
         accounts.update_wechat_profile(
             found.user, nickname=verified.nickname, avatar=verified.avatar, sex=verified.sex
         )

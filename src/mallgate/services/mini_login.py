@@ -312,16 +312,15 @@ async def _login_once(
     mobile = _mobile(phone) if phone is not None else None
 
     def write(session: Session) -> tuple[User, str, bool]:
-        found = accounts.find_for_login(
-            session,
-            now,
-            provider=accounts.WECHAT,
-            app_id=app_id,
-            openid=wx.openid,
+        who = accounts.Who(
+            accounts.WECHAT,
+            app_id,
+            wx.openid,
             unionid=wx.unionid or profile.unionid,
             spread_id=referrer,
             session_key=sealed,
         )
+        found = accounts.find_for_login(session, now, who)
         accounts.update_wechat_profile(
             found.user, nickname=profile.nickname, avatar=profile.avatar, sex=profile.sex
         )
