@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path
@@ -92,12 +93,9 @@ async def create_user(runtime: RuntimeDep, params: ParamsDep) -> JSONResponse:
     async with runtime.db.transaction() as session:
         if mobile and await accounts.find_by_mobile(session, mobile):
             raise ApiError("该手机号已注册", "user.exists", field="mobile")
-        user = await accounts.create_user(
-            session,
-            runtime.clock.utcnow().replace(tzinfo=None),
-            mobile=mobile,
-            nickname=nickname,
-            password_hash=password_hash,
+        now = runtime.clock.utcnow().replace(tzinfo=None)
+        user = await session.run_sync(
+            partial(accounts.new_user, now=now, mobile=mobile, nickname=nickname, password_hash=password_hash)
         )
         return ok(accounts.profile(user, zone=runtime.settings.zone))
 

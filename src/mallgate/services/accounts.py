@@ -188,32 +188,6 @@ def new_user(
     return user
 
 
-async def create_user(
-    session: AsyncSession,
-    now: datetime,
-    *,
-    mobile: str | None = None,
-    nickname: str = "",
-    password_hash: str | None = None,
-    spread_id: int | None = None,
-    avatar: str = "",
-    sex: int = 0,
-) -> User:
-    """`new_user` in an async transaction."""
-    return await session.run_sync(
-        lambda sync: new_user(
-            sync,
-            now,
-            mobile=mobile,
-            nickname=nickname,
-            password_hash=password_hash,
-            spread_id=spread_id,
-            avatar=avatar,
-            sex=sex,
-        )
-    )
-
-
 def _valid_referrer(session: Session, spread_id: int | None) -> int | None:
     """A referrer is kept only if it names an existing user: a typo must not credit a stranger."""
     if not spread_id:

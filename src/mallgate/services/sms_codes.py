@@ -37,6 +37,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Final, Literal, TypeVar, cast
 
 from sqlalchemy import or_, select, update
@@ -389,7 +390,9 @@ async def register(
     ) -> dict[str, str]:
         try:
             async with session.begin_nested():
-                user = await accounts.create_user(session, now, mobile=number, spread_id=spread_id)
+                user = await session.run_sync(
+                    partial(accounts.new_user, now=now, mobile=number, spread_id=spread_id)
+                )
         except IntegrityError:
             raise ApiError("该手机号已注册", "sms.registered", field="username") from None
         user.password_hash = password_hash
