@@ -55,3 +55,21 @@ async def admin_get_user(client: httpx.AsyncClient, user_id: str) -> dict[str, A
 
 def money(value: str) -> Decimal:
     return Decimal(value)
+
+
+# The keys of the user profile every login answers (the mall's document).
+PROFILE_KEYS = {
+    "id",
+    "token",
+    "username",
+    "nickname",
+    "group_name",
+    "shop_count",
+    "coupon_count",
+    "mobile",
+    "sex",
+    "point",
+    "amount",
+    "last_ip",
+    "last_login",
+}

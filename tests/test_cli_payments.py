@@ -63,6 +63,12 @@ async def test_list_show_and_replay(client: httpx.AsyncClient, server: Server) -
     assert (again.exit_code, again.output.strip()) == (0, f"#{first}: duplicate (already paid)")
     assert await admin_get_order(client, no) == state
 
+    # The replay is a row of its own; the same bytes posted again are counted on the one accepted.
+    assert (await client.post(notify, content=urlencode(form), headers=FORM)).text == "success"
+    assert (await client.post(notify, content=urlencode(form), headers=FORM)).text == "success"
+    listed = await cli(server, "notifications", "list", "--order-no", no)
+    assert re.search(r" applied +\(\+2 repeats, last [0-9-]+ [0-9:]+\)$", listed.output, re.M), listed.output
+
     missing = await cli(server, "notifications", "show", "999999999")
     assert missing.exit_code == 1 and "no notification #999999999" in missing.output
 

@@ -8,23 +8,7 @@ import httpx
 from test_sms import PASSWORD, latest_code, post, register, send, set_rule
 
 from conftest import Server
-from support import admin_create_user, admin_get_user, unique_mobile
-
-PROFILE_KEYS = {
-    "id",
-    "token",
-    "username",
-    "nickname",
-    "group_name",
-    "shop_count",
-    "coupon_count",
-    "mobile",
-    "sex",
-    "point",
-    "amount",
-    "last_ip",
-    "last_login",
-}
+from support import PROFILE_KEYS, admin_create_user, admin_get_user, unique_mobile
 
 
 async def user_info(client: httpx.AsyncClient, token: str) -> httpx.Response:

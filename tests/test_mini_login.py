@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from test_oauth import PROFILE_KEYS, BlackHole, database, logged_in, new_code
+from test_oauth import BlackHole, database, logged_in, new_code
 from test_spread import login as spread_login
 from test_spread import make_goods, scene_of
 from test_spread import qrcode as spread_qrcode
@@ -23,7 +23,7 @@ from mallgate.db.models import Identity
 from mallgate.sandbox.app import WECHAT_APP_APP_ID, WECHAT_MINI_APP_ID, WECHAT_MP_APP_ID
 from mallgate.secret_key import open_session_key, resolve
 from mallgate.services import accounts, mini_login
-from support import admin_create_user, admin_get_user, unique_mobile
+from support import PROFILE_KEYS, admin_create_user, admin_get_user, unique_mobile
 
 SANDBOX = "/_sandbox/wechat"
 

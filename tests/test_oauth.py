@@ -22,25 +22,10 @@ from mallgate.db.session import Database
 from mallgate.sandbox.app import WECHAT_MINI_APP_ID, WECHAT_MP_APP_ID
 from mallgate.services import accounts
 from mallgate.services.wechat_oauth import MEMORY_SECONDS
-from support import admin_create_user, admin_get_user
+from support import PROFILE_KEYS, admin_create_user, admin_get_user
 
 SANDBOX = "/_sandbox/wechat"
 SHOP_PAGE = "https://shop.example.com/wechat/back?from=menu"
-PROFILE_KEYS = {
-    "id",
-    "token",
-    "username",
-    "nickname",
-    "group_name",
-    "shop_count",
-    "coupon_count",
-    "mobile",
-    "sex",
-    "point",
-    "amount",
-    "last_ip",
-    "last_login",
-}
 
 
 def person() -> str:

@@ -361,10 +361,12 @@ def notifications_list(
 
     rows = _run(lambda rt: stored_notifications(rt, order_no=order_no, limit=limit))
     for row in rows:
+        repeats = f"  (+{row['repeats']} repeats, last {row['last_repeat_at']})" if row["repeats"] else ""
         typer.echo(
             f"#{row['id']}  {row['received_at']}  {row['channel']:<6}  {row['method']:<5}  "
             f"{row['order_no'] or '-'}  {'verified' if row['verified'] else 'UNVERIFIED'}  "
             f"{row['outcome'] or '-'}  {row['reason'] or ''}".rstrip()
+            + repeats
         )
     if not rows:
         typer.echo("no notifications")
